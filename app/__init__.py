@@ -1,0 +1,1 @@
+"""A webhook receiver for signed WhatsApp-style messages."""

@@ -1,0 +1,123 @@
+"""Settings, read from the environment only (12-factor)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message names the variable and fits on one line."""
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseURL:
+    """A parsed `DATABASE_URL`: which backend, and where."""
+
+    scheme: Literal["sqlite", "postgresql"]
+    # For SQLite: a filesystem path or ":memory:". For PostgreSQL: the URL as given.
+    target: str
+
+    @property
+    def is_memory(self) -> bool:
+        return self.scheme == "sqlite" and self.target == ":memory:"
+
+    def __repr__(self) -> str:
+        # A PostgreSQL URL may carry a password; never print it.
+        shown = self.target if self.scheme == "sqlite" else "postgresql://***"
+        return f"DatabaseURL({self.scheme!r}, {shown!r})"
+
+
+def parse_database_url(url: str) -> DatabaseURL:
+    if url.startswith("sqlite:///"):
+        path = url.removeprefix("sqlite:///")
+        if not path:
+            raise ValueError("a SQLite URL needs a path, e.g. sqlite:///./data/app.db")
+        if path == ":memory:":
+            return DatabaseURL("sqlite", ":memory:")
+        # sqlite:////data/app.db keeps its leading slash: an absolute path.
+        return DatabaseURL("sqlite", str(Path(path)))
+    if url.startswith(("postgresql://", "postgres://")):
+        return DatabaseURL("postgresql", url)
+    scheme = url.split(":", 1)[0] if ":" in url else url
+    raise ValueError(
+        f"unsupported scheme {scheme[:20]!r}; expected sqlite:///<path>, "
+        "sqlite:///:memory: or postgresql://user:pass@host:5432/db"
+    )
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="", case_sensitive=False, extra="ignore", frozen=True
+    )
+
+    webhook_secret: SecretStr
+    webhook_secret_previous: SecretStr | None = None
+    database_url: str = "sqlite:///./data/app.db"
+    log_level: LogLevel = "INFO"
+    max_body_bytes: int = Field(default=65536, ge=1, le=16 * 1024 * 1024)
+    # How long a webhook waits for its row to be committed before answering 503.
+    write_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    # How long the SQLite writer waits on a lock held by another process.
+    sqlite_busy_timeout_ms: int = Field(default=1000, ge=0, le=60_000)
+    retry_after_seconds: int = Field(default=1, ge=1, le=3600)
+    docs_enabled: bool = True
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _secret_not_blank(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().strip():
+            raise ValueError("must be a non-empty string")
+        return value
+
+    @field_validator("webhook_secret_previous", mode="before")
+    @classmethod
+    def _empty_previous_is_unset(cls, value: object) -> object:
+        # Compose passes an unset variable as "", which means "no previous secret".
+        return None if value == "" else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database_url(cls, value: str) -> str:
+        parse_database_url(value)
+        return value
+
+    @property
+    def database(self) -> DatabaseURL:
+        return parse_database_url(self.database_url)
+
+    def secrets(self) -> tuple[bytes, ...]:
+        """The accepted HMAC keys, current first."""
+        keys = [self.webhook_secret.get_secret_value().encode()]
+        if self.webhook_secret_previous is not None:
+            keys.append(self.webhook_secret_previous.get_secret_value().encode())
+        return tuple(keys)
+
+
+def load_settings() -> Settings:
+    """Read the environment, or raise ConfigError with one line that names the variable."""
+    try:
+        return Settings()  # the values come from the environment
+    except ValidationError as exc:
+        raise ConfigError(describe_errors(exc)) from None
+
+
+def describe_errors(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors(include_input=False, include_url=False):
+        variable = str(error["loc"][0]).upper() if error["loc"] else "settings"
+        message = "is required but not set" if error["type"] == "missing" else error["msg"]
+        message = message.removeprefix("Value error, ")
+        problems.append(f"{variable}: {message}")
+    return "invalid configuration: " + "; ".join(problems)

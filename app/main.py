@@ -1,0 +1,123 @@
+"""Builds the app: `uvicorn --factory app.main:create_app`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp
+
+from app import routes
+from app.config import ConfigError, Settings, load_settings
+from app.logging_utils import configure_logging, refuse_to_start
+from app.metrics import Metrics
+from app.middleware import ObservabilityMiddleware
+from app.storage import MessageStore, SQLiteStore
+from app.webhook import WebhookEndpoint, openapi_operation
+
+logger = logging.getLogger("app")
+
+VERSION = "1.0.0"
+
+
+async def open_store(settings: Settings) -> MessageStore:
+    database = settings.database
+    if database.scheme == "sqlite":
+        return await SQLiteStore.open(
+            database.target,
+            busy_timeout_ms=settings.sqlite_busy_timeout_ms,
+            write_timeout=settings.write_timeout_seconds,
+        )
+    raise ConfigError("DATABASE_URL: postgresql:// is not supported by this build")
+
+
+class ReceiverApp(FastAPI):
+    """FastAPI, with POST /webhook answered in front of its middleware stack.
+
+    The observability middleware is outermost, so the webhook and FastAPI's routes get
+    the same request ids, metrics, access lines and headers.
+    """
+
+    def __init__(self, *, settings: Settings, metrics: Metrics, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.receiver_settings = settings
+        self.metrics = metrics
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        stack = WebhookEndpoint(stack, self.receiver_settings, self.metrics)
+        return ObservabilityMiddleware(stack, self.metrics)
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            schema = get_openapi(
+                title=self.title,
+                version=self.version,
+                summary=self.summary,
+                description=self.description,
+                routes=self.routes,
+            )
+            schema["paths"] = {"/webhook": openapi_operation(), **schema["paths"]}
+            self.openapi_schema = schema
+        return self.openapi_schema
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    if settings is None:
+        try:
+            settings = load_settings()
+        except ConfigError as exc:
+            refuse_to_start(str(exc))
+            # SystemExit, not an exception: uvicorn would print a traceback for the latter.
+            raise SystemExit(2) from None
+    configure_logging(settings.log_level)
+    metrics = Metrics()
+    app_settings = settings
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[routes.AppState]:
+        store = await open_store(app_settings)
+        logger.info(
+            "ready to receive",
+            extra={"database": app_settings.database.scheme, "version": VERSION},
+        )
+        try:
+            yield {"settings": app_settings, "store": store, "metrics": metrics}
+        finally:
+            await store.close()
+            logger.info("store closed")
+
+    docs = settings.docs_enabled
+    app = ReceiverApp(
+        settings=settings,
+        metrics=metrics,
+        title="Webhook receiver",
+        version=VERSION,
+        summary="Signed WhatsApp-style messages in, exactly once; list, search and count them.",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
+    app.include_router(routes.router)
+    app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
+    return app
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # FastAPI's shape, without echoing the input back.
+    errors = [
+        {
+            "loc": list(error.get("loc", ())),
+            "msg": error.get("msg", ""),
+            "type": error.get("type", ""),
+        }
+        for error in exc.errors()
+    ]
+    return JSONResponse({"detail": errors}, status_code=422)

@@ -1,0 +1,181 @@
+"""The records: what a sender posts, what the store returns, and the rules they obey."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import from_json
+
+# `[0-9]`, not `\d`: `\d` also matches other scripts' digits. fullmatch, so no `$`
+# that would let a trailing newline through.
+E164 = re.compile(r"\+[1-9][0-9]{1,14}")
+ISO_UTC = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,9}))?Z"
+)
+INSTANT_KEY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{9}Z")
+CURSOR = re.compile(r"[A-Za-z0-9_-]{1,1024}")
+MESSAGE_ID_MAX = 256
+TEXT_MAX = 4096
+
+
+def check_msisdn(value: str) -> str:
+    if E164.fullmatch(value) is None:
+        raise ValueError("must be E.164: '+' then 2 to 15 digits, the first not 0")
+    return value
+
+
+def instant_key(value: str) -> str:
+    """A fixed-width form of a valid `ts` whose string order is its order in time.
+
+    `2025-01-15T10:00:00.5Z` becomes `2025-01-15T10:00:00.500000000Z`: nine fractional
+    digits for everyone, so fractional seconds compare correctly as text.
+    """
+    match = ISO_UTC.fullmatch(value)
+    if match is None:
+        raise ValueError("must be an ISO-8601 UTC instant: YYYY-MM-DDTHH:MM:SS[.fraction]Z")
+    year, month, day, hour, minute, second, fraction = match.groups()
+    try:
+        datetime(int(year), int(month), int(day), int(hour), int(minute), int(second))
+    except ValueError:
+        raise ValueError("is not a real calendar instant") from None
+    return f"{value[:19]}.{(fraction or '').ljust(9, '0')}Z"
+
+
+def check_instant(value: str) -> str:
+    instant_key(value)
+    return value
+
+
+def check_storable(value: str) -> str:
+    # PostgreSQL cannot store NUL in text: refuse it here, on every backend alike.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+MSISDN = Annotated[str, AfterValidator(check_msisdn)]
+Instant = Annotated[str, AfterValidator(check_instant)]
+
+
+class Message(BaseModel):
+    """One WhatsApp-style message, as posted to /webhook and as listed by /messages."""
+
+    model_config = ConfigDict(
+        strict=True, extra="ignore", frozen=True, populate_by_name=True, serialize_by_alias=True
+    )
+
+    message_id: Annotated[
+        str, Field(min_length=1, max_length=MESSAGE_ID_MAX), AfterValidator(check_storable)
+    ]
+    from_: Annotated[MSISDN, Field(alias="from")]
+    to: MSISDN
+    ts: Instant
+    text: Annotated[str, Field(max_length=TEXT_MAX), AfterValidator(check_storable)] | None = None
+
+
+class MessagePage(BaseModel):
+    model_config = ConfigDict(serialize_by_alias=True)
+
+    data: list[Message]
+    total: int
+    limit: int
+    offset: int
+    next_cursor: str | None = Field(
+        default=None,
+        description="Pass as `cursor` to read the next page by keyset; null on the last page.",
+    )
+
+
+class SenderCount(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+    from_: str = Field(alias="from")
+    count: int
+
+
+class Stats(BaseModel):
+    total_messages: int
+    senders_count: int
+    messages_per_sender: list[SenderCount]
+    first_message_ts: str | None
+    last_message_ts: str | None
+
+
+class ListQuery(BaseModel):
+    """A validated /messages query; `since` and `after` are already instant keys."""
+
+    model_config = ConfigDict(frozen=True)
+
+    limit: int = 50
+    offset: int = 0
+    sender: str | None = None
+    since_key: str | None = None
+    q: str | None = None
+    # Keyset position (instant key, message_id): rows strictly after it.
+    after: tuple[str, str] | None = None
+
+
+class InvalidMessage(ValueError):
+    """The body is not a valid message; `errors` is FastAPI-style and never echoes input."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__(f"{len(errors)} validation error(s)")
+        self.errors = errors
+
+    def to_json(self) -> bytes:
+        return json.dumps({"detail": self.errors}, ensure_ascii=False).encode()
+
+
+def parse_message(body: bytes) -> Message:
+    """Parse and validate a webhook body (bytes that were already authenticated)."""
+    try:
+        # Strict JSON: UTF-8 only, no NaN/Infinity, no trailing data, bounded nesting.
+        data = from_json(body, allow_inf_nan=False)
+    except ValueError as exc:
+        raise InvalidMessage(
+            [{"loc": ["body"], "msg": f"Invalid JSON: {exc}", "type": "json_invalid"}]
+        ) from None
+    try:
+        return Message.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidMessage(public_errors(exc, prefix="body")) from None
+
+
+def public_errors(exc: ValidationError, prefix: str) -> list[dict[str, Any]]:
+    """Pydantic errors without the input, its context or documentation links."""
+    return [
+        {"loc": [prefix, *error["loc"]], "msg": error["msg"], "type": error["type"]}
+        for error in exc.errors(include_input=False, include_url=False, include_context=False)
+    ]
+
+
+def encode_cursor(ts_key: str, message_id: str) -> str:
+    """An opaque keyset position: the (instant, message_id) of the last row served."""
+    raw = json.dumps([ts_key, message_id], ensure_ascii=False, separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).rstrip(b"=").decode("ascii")
+
+
+def decode_cursor(cursor: str) -> tuple[str, str]:
+    error = ValueError("is not a cursor this service issued")
+    if CURSOR.fullmatch(cursor) is None:
+        raise error
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        position = json.loads(raw.decode("utf-8"))
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise error from None
+    if (
+        not isinstance(position, list)
+        or len(position) != 2
+        or not all(isinstance(part, str) for part in position)
+        or INSTANT_KEY.fullmatch(position[0]) is None
+        or not 0 < len(position[1]) <= MESSAGE_ID_MAX
+    ):
+        raise error
+    return position[0], position[1]

@@ -1,0 +1,210 @@
+"""POST /webhook: size limit, signature, content type, validation, exactly-once insert.
+
+It is a plain ASGI middleware in front of FastAPI rather than a FastAPI route: this is the
+hot path a sender hammers, and FastAPI's routing and dependency machinery cost several
+times the work done here (see the Performance section of the README). Its OpenAPI entry
+is written out below, so /docs still describes it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.config import Settings
+from app.metrics import Metrics
+from app.middleware import request_info
+from app.models import InvalidMessage, Message, parse_message
+from app.signature import InvalidSignature, verify_signature
+from app.storage import MessageStore, StorageUnavailable
+
+logger = logging.getLogger("app.webhook")
+
+PATH = "/webhook"
+JSON = b"application/json"
+
+
+class PayloadTooLarge(Exception):
+    pass
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+def is_json_content_type(value: bytes | None) -> bool:
+    if value is None:
+        return True  # a sender that names no type is read as JSON
+    media_type, _, params = value.partition(b";")
+    if media_type.strip().lower() != JSON:
+        return False
+    for param in params.split(b";"):
+        name, _, param_value = param.partition(b"=")
+        charset = param_value.strip().strip(b'"').lower()
+        if name.strip().lower() == b"charset" and charset not in (b"utf-8", b"utf8"):
+            return False
+    return True
+
+
+async def read_body(receive: Receive, declared: bytes | None, limit: int) -> bytes:
+    """The raw body, refused as soon as it is known to exceed `limit` bytes."""
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    # Counted as it streams: a chunked body has no Content-Length to trust.
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class WebhookEndpoint:
+    """Answers POST /webhook itself and hands every other request to `app`."""
+
+    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
+        self.app = app
+        self.limit = settings.max_body_bytes
+        self.secrets = settings.secrets()
+        self.retry_after = str(settings.retry_after_seconds).encode()
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != PATH:
+            await self.app(scope, receive, send)
+            return
+        info = request_info(scope)
+        info.route = PATH
+        if scope["method"] != "POST":
+            await respond(send, 405, b'{"detail":"Method Not Allowed"}', [(b"allow", b"POST")])
+            return
+        status, body, headers = await self.handle(scope, receive)
+        await respond(send, status, body, headers)
+
+    async def handle(self, scope: Scope, receive: Receive) -> tuple[int, bytes, list[Any]]:
+        info = request_info(scope)
+        headers = dict(scope["headers"])
+        try:
+            raw = await read_body(receive, headers.get(b"content-length"), self.limit)
+        except PayloadTooLarge:
+            self.outcome(info, "payload_too_large")
+            # The rest of the body is never read, so the connection cannot be reused.
+            return 413, b'{"detail":"payload too large"}', [(b"connection", b"close")]
+        except ClientDisconnected:
+            self.outcome(info, "client_disconnected")
+            return 400, b'{"detail":"client disconnected"}', []
+
+        signature = headers.get(b"x-signature")
+        try:
+            key_index = verify_signature(
+                raw, None if signature is None else signature.decode("latin-1"), self.secrets
+            )
+        except InvalidSignature:
+            info.error = True
+            self.outcome(info, "invalid_signature")
+            return 401, b'{"detail":"invalid signature"}', []
+        self.metrics.signature_key(key_index)
+
+        if not is_json_content_type(headers.get(b"content-type")):
+            self.outcome(info, "unsupported_media_type")
+            return 415, b'{"detail":"content type must be application/json"}', []
+
+        try:
+            message = parse_message(raw)
+        except InvalidMessage as exc:
+            self.outcome(info, "validation_error")
+            return 422, exc.to_json(), []
+
+        info.message_id = message.message_id
+        store: MessageStore = scope["state"]["store"]
+        try:
+            created = await store.insert(message)
+        except StorageUnavailable as exc:
+            self.outcome(info, "storage_unavailable")
+            logger.warning(
+                "write refused", extra={"request_id": info.request_id, "reason": str(exc)}
+            )
+            return (
+                503,
+                b'{"detail":"storage unavailable, retry later"}',
+                [(b"retry-after", self.retry_after)],
+            )
+        info.dup = not created
+        self.outcome(info, "created" if created else "duplicate")
+        return 200, b'{"status":"ok"}', []
+
+    def outcome(self, info: Any, result: str) -> None:
+        info.result = result
+        self.metrics.webhook(result)
+
+
+async def respond(send: Send, status: int, body: bytes, headers: list[Any]) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", JSON),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def openapi_operation() -> dict[str, Any]:
+    """The OpenAPI description of POST /webhook (FastAPI does not see this route)."""
+    error = {"content": {"application/json": {"schema": {"type": "object"}}}}
+    return {
+        "post": {
+            "summary": "Receive one signed message",
+            "operationId": "webhook",
+            "parameters": [
+                {
+                    "name": "X-Signature",
+                    "in": "header",
+                    "required": True,
+                    "description": "Hex HMAC-SHA256 of the raw body, keyed with WEBHOOK_SECRET.",
+                    "schema": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"},
+                }
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": Message.model_json_schema(by_alias=True)}
+                },
+            },
+            "responses": {
+                "200": {
+                    "description": "Stored now, or already stored before",
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {"status": {"type": "string", "enum": ["ok"]}},
+                                "required": ["status"],
+                            }
+                        }
+                    },
+                },
+                "401": {"description": "Missing, malformed or wrong signature", **error},
+                "413": {"description": "Body larger than MAX_BODY_BYTES", **error},
+                "415": {"description": "Content-Type is not application/json", **error},
+                "422": {"description": "Body is not a valid message", **error},
+                "503": {
+                    "description": "Storage cannot take the write now; retry after Retry-After",
+                    **error,
+                },
+            },
+        }
+    }

@@ -1,0 +1,138 @@
+"""The store contract, run against every backend (SQLite in memory and on a file here)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.models import ListQuery, Message, instant_key
+from app.storage import SQLiteStore, apply_sqlite_schema, init_sqlite, split_statements
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(params=["memory", "file"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    path = ":memory:" if request.param == "memory" else str(tmp_path / "store.db")
+    opened = await SQLiteStore.open(path)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+def msg(message_id: str, **overrides: Any) -> Message:
+    values: dict[str, Any] = {
+        "message_id": message_id,
+        "from": "+919876543210",
+        "to": "+14155550100",
+        "ts": "2025-01-15T10:00:00Z",
+        "text": "Hello",
+    }
+    values.update(overrides)
+    return Message.model_validate(values)
+
+
+async def test_insert_reports_new_then_duplicate(store: SQLiteStore) -> None:
+    assert await store.insert(msg("a")) is True
+    assert await store.insert(msg("a")) is False
+    assert await store.insert(msg("a", text="changed")) is False
+    page = await store.list_messages(ListQuery())
+    assert [m.text for m in page.data] == ["Hello"]
+
+
+async def test_concurrent_inserts_keep_aggregates_exact(store: SQLiteStore) -> None:
+    senders = [f"+1555{i:07}" for i in range(7)]
+    jobs = [store.insert(msg(f"id{i % 150}", **{"from": senders[i % 150 % 7]})) for i in range(600)]
+    results = await asyncio.gather(*jobs)
+    assert sum(results) == 150
+    stats = await store.stats()
+    assert stats.total_messages == 150
+    assert stats.senders_count == 7
+    counts = {s.from_: s.count for s in stats.messages_per_sender}
+    expected = dict.fromkeys(senders, 0)
+    for i in range(150):
+        expected[senders[i % 7]] += 1
+    assert counts == expected
+    page = await store.list_messages(ListQuery(limit=100))
+    assert page.total == 150
+
+
+async def test_group_commit_settles_every_waiter(store: SQLiteStore) -> None:
+    results = await asyncio.gather(*(store.insert(msg(f"g{i}")) for i in range(1500)))
+    assert all(results)
+    assert (await store.list_messages(ListQuery(limit=1))).total == 1500
+
+
+async def test_list_orders_and_filters(store: SQLiteStore) -> None:
+    await store.insert(msg("b", ts="2025-01-15T10:00:00.5Z", text="Zebra"))
+    await store.insert(msg("a", ts="2025-01-15T10:00:00.5Z", text=None))
+    await store.insert(msg("c", ts="2025-01-15T10:00:00Z", **{"from": "+14155550100"}))
+    page = await store.list_messages(ListQuery())
+    assert [m.message_id for m in page.data] == ["c", "a", "b"]
+    only = await store.list_messages(ListQuery(sender="+14155550100"))
+    assert [m.message_id for m in only.data] == ["c"]
+    since = await store.list_messages(ListQuery(since_key=instant_key("2025-01-15T10:00:00.1Z")))
+    assert [m.message_id for m in since.data] == ["a", "b"]
+    found = await store.list_messages(ListQuery(q="zeb"))
+    assert ([m.message_id for m in found.data], found.total) == (["b"], 1)
+    after = await store.list_messages(ListQuery(after=(instant_key("2025-01-15T10:00:00.5Z"), "a")))
+    assert [m.message_id for m in after.data] == ["b"]
+
+
+async def test_stats_on_empty_store(store: SQLiteStore) -> None:
+    stats = await store.stats()
+    assert (stats.total_messages, stats.senders_count, stats.messages_per_sender) == (0, 0, [])
+    assert stats.first_message_ts is None
+
+
+async def test_ping_on_a_healthy_store(store: SQLiteStore) -> None:
+    await store.ping()
+
+
+async def test_deleting_rows_keeps_aggregates_true(tmp_path: Path) -> None:
+    path = str(tmp_path / "del.db")
+    store = await SQLiteStore.open(path)
+    try:
+        for i in range(5):
+            await store.insert(msg(f"d{i}", **{"from": f"+1555000000{i % 2}"}, text=f"word{i}"))
+        with sqlite3.connect(path) as conn:
+            conn.execute("DELETE FROM messages WHERE from_msisdn = '+15550000001'")
+        stats = await store.stats()
+        assert (stats.total_messages, stats.senders_count) == (3, 1)
+        found = await store.list_messages(ListQuery(q="word1"))
+        assert found.total == 0
+    finally:
+        await store.close()
+
+
+def test_schema_applies_idempotently(tmp_path: Path) -> None:
+    path = str(tmp_path / "init.db")
+    assert init_sqlite(path) == 1
+    assert init_sqlite(path) == 1
+    with sqlite3.connect(path, isolation_level=None) as conn:
+        assert apply_sqlite_schema(conn) == 1
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    assert {"messages", "sender_counts", "message_totals", "messages_fts"} <= tables
+
+
+def test_split_statements_keeps_triggers_whole() -> None:
+    script = (
+        "CREATE TABLE t (a);\n"
+        "CREATE TRIGGER x AFTER INSERT ON t BEGIN\n  SELECT 1;\n  SELECT 2;\nEND;\n"
+        "-- end\n"
+    )
+    statements = split_statements(script)
+    assert len(statements) == 2
+    assert statements[1].endswith("END;")
