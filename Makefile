@@ -13,7 +13,7 @@ DEMO_URL ?= http://127.0.0.1:$(API_PORT)
 # else the host's python3.
 DEMO_PYTHON ?= $(shell [ -x $(BIN)/python ] && echo $(BIN)/python || echo $(PYTHON))
 
-.PHONY: up down logs demo test lint run init-db clean
+.PHONY: up down logs demo docker-smoke test lint run init-db clean
 
 # The Compose stack: a secret (exported, else .env, else a fresh one in .env), the image
 # built, the service started and waited for (bounded), then where to find it.
@@ -36,6 +36,10 @@ logs:
 # exported WEBHOOK_SECRET or the one in .env.
 demo:
 	./scripts/with-env $(DEMO_PYTHON) -m app demo --url $(DEMO_URL)
+
+# The Docker path end to end on a clean clone of HEAD, as CI runs it (scripts/docker-smoke).
+docker-smoke:
+	./scripts/docker-smoke
 
 # A virtualenv from the pinned requirements, rebuilt when they change.
 $(STAMP): requirements.txt requirements-dev.txt

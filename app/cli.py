@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(str(exc), EXIT_USAGE)
     secret = os.environ.get("WEBHOOK_SECRET", "")
     if not secret:
-        return fail(_NO_SECRET, EXIT_USAGE)
+        return fail(_MISSING_KEY_HELP, EXIT_USAGE)
     try:
         if args.command == "send":
             return send(client, secret.encode(), args)
@@ -75,11 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
         "send", help="build, sign and POST one message; print the status and body"
     )
     send_cmd.add_argument("--message-id", help="default: a fresh cli-<random> id")
-    send_cmd.add_argument("--from", dest="sender", default="+919876543210", metavar="E164")
-    send_cmd.add_argument("--to", dest="recipient", default="+14155550100", metavar="E164")
+    send_cmd.add_argument(
+        "--from", dest="sender", default="+919876543210", metavar="E164", help="%(default)s"
+    )
+    send_cmd.add_argument(
+        "--to", dest="recipient", default="+14155550100", metavar="E164", help="%(default)s"
+    )
     send_cmd.add_argument("--ts", help="YYYY-MM-DDTHH:MM:SSZ (default: now)")
     text = send_cmd.add_mutually_exclusive_group()
-    text.add_argument("--text", default="Hello")
+    text.add_argument("--text", default="Hello", help="%(default)s")
     text.add_argument("--no-text", action="store_true", help="send the message without text")
 
     demo_cmd = commands.add_parser(
@@ -91,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_NO_SECRET = (
+_MISSING_KEY_HELP = (
     "WEBHOOK_SECRET is not set: export the secret the service verifies with "
     "(`make up` keeps a generated one in .env; `make demo` reads it from there)"
 )
@@ -151,7 +155,7 @@ def init_db() -> int:
 def print_signature(path: str | None) -> int:
     secret = os.environ.get("WEBHOOK_SECRET", "")
     if not secret:
-        return fail(_NO_SECRET, EXIT_USAGE)
+        return fail(_MISSING_KEY_HELP, EXIT_USAGE)
     if path in (None, "-"):
         body = sys.stdin.buffer.read()
     else:
@@ -172,6 +176,9 @@ def send(client: Client, secret: bytes, args: argparse.Namespace) -> int:
     print(f"message_id {message_id}", file=sys.stderr)
     reply = client.post_webhook(body, sign(body, secret))
     print(f"{reply.status} {reply.text}")
+    if reply.request_id:
+        # The service logs this id with the request: grep for it in `make logs`.
+        print(f"request_id {reply.request_id}", file=sys.stderr)
     if reply.status == 401:
         print(
             "hint: the service did not accept the signature; is WEBHOOK_SECRET the one it "
