@@ -165,7 +165,7 @@ def run_demo(client: Client, secret: bytes, out: TextIO, now: datetime | None = 
         post(f"demo-{run}-{index}  {sender} -> {recipient}", 200, body)
     post(f"demo-{run}-1 again (a redelivery: no second row)", 200, bodies[0])
     forged = build_message(f"demo-{run}-x", "+919876543210", "+14155550100", format_ts(start), "?")
-    post(f"demo-{run}-x signed with the wrong secret", 401, forged, key=b"not-the-secret")
+    post(f"demo-{run}-x signed with the wrong secret", 401, forged, key=secret + b"-wrong")
     invalid = build_message(
         f"demo-{run}-y", "+919876543210", "+14155550100", "2025-02-30T10:00:00Z", None
     )
