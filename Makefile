@@ -30,7 +30,7 @@ down:
 
 # The service's JSON lines, without compose's "api-1 |" prefix, so they pipe into jq.
 logs:
-	docker compose logs -f --no-log-prefix api
+	@docker compose logs -f --no-log-prefix api
 
 # Sample traffic against the running service (make up or make run), signed with the
 # exported WEBHOOK_SECRET or the one in .env.
