@@ -6,8 +6,40 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# Where `make up` publishes the service (compose reads the same variables).
+API_PORT ?= 8000
+DEMO_URL ?= http://127.0.0.1:$(API_PORT)
+# `make demo` needs only the standard library: the virtualenv's python if there is one,
+# else the host's python3.
+DEMO_PYTHON ?= $(shell [ -x $(BIN)/python ] && echo $(BIN)/python || echo $(PYTHON))
 
-.PHONY: test lint run init-db clean
+.PHONY: up down logs demo docker-smoke test lint run init-db clean
+
+# The Compose stack: a secret (exported, else .env, else a fresh one in .env), the image
+# built, the service started and waited for (bounded), then where to find it.
+up:
+	@./scripts/ensure-env
+	@# An exported but empty WEBHOOK_SECRET would override .env in compose: drop it.
+	@if [ -z "$${WEBHOOK_SECRET:-}" ]; then unset WEBHOOK_SECRET; fi; \
+	  echo "docker compose up -d --build"; docker compose up -d --build
+	@./scripts/with-env ./scripts/wait-ready
+
+# Stops the stack and deletes its volume (the stored messages).
+down:
+	docker compose down -v
+
+# The service's JSON lines, without compose's "api-1 |" prefix, so they pipe into jq.
+logs:
+	@docker compose logs -f --no-log-prefix api
+
+# Sample traffic against the running service (make up or make run), signed with the
+# exported WEBHOOK_SECRET or the one in .env.
+demo:
+	./scripts/with-env $(DEMO_PYTHON) -m app demo --url $(DEMO_URL)
+
+# The Docker path end to end on a clean clone of HEAD, as CI runs it (scripts/docker-smoke).
+docker-smoke:
+	./scripts/docker-smoke
 
 # A virtualenv from the pinned requirements, rebuilt when they change.
 $(STAMP): requirements.txt requirements-dev.txt
