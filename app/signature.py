@@ -41,7 +41,6 @@ WEBHOOK_ID = b"webhook-id"
 WEBHOOK_TIMESTAMP = b"webhook-timestamp"
 WEBHOOK_SIGNATURE = b"webhook-signature"
 _SIGNATURE_HEADERS = frozenset({X_SIGNATURE, WEBHOOK_ID, WEBHOOK_TIMESTAMP, WEBHOOK_SIGNATURE})
-_STANDARD_HEADERS = (WEBHOOK_ID, WEBHOOK_TIMESTAMP, WEBHOOK_SIGNATURE)
 
 Header = str | bytes | None
 
@@ -151,18 +150,19 @@ class Verifier:
                 if name in found:
                     raise InvalidSignature(MALFORMED)
                 found[name] = value
-        if any(name in found for name in _STANDARD_HEADERS):
-            return verify_standard_webhook(
-                body,
-                found.get(WEBHOOK_ID),
-                found.get(WEBHOOK_TIMESTAMP),
-                found.get(WEBHOOK_SIGNATURE),
-                self.standard_keys,
-                now=now,
-                max_age=self.max_age,
-                max_ahead=self.max_ahead,
-            )
-        return verify_signature(body, found.get(X_SIGNATURE), self.secrets)
+        x_signature = found.get(X_SIGNATURE)
+        if len(found) == (x_signature is not None):  # no webhook-* header at all
+            return verify_signature(body, x_signature, self.secrets)
+        return verify_standard_webhook(
+            body,
+            found.get(WEBHOOK_ID),
+            found.get(WEBHOOK_TIMESTAMP),
+            found.get(WEBHOOK_SIGNATURE),
+            self.standard_keys,
+            now=now,
+            max_age=self.max_age,
+            max_ahead=self.max_ahead,
+        )
 
 
 def _ascii(header: Header) -> bytes:
