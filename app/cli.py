@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from app.client import BadURL, Client, ServiceUnreachable, build_message, format_ts, run_demo
 from app.logging_utils import refuse_to_start
-from app.signature import sign
+from app.signature import sign, sign_standard_webhook
 
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
@@ -34,7 +35,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "init-db":
         return init_db()
     if args.command == "sign":
-        return print_signature(args.file)
+        if args.standard_webhooks:
+            return print_standard_headers(args.file, args.id, args.timestamp)
+        if args.whatsapp:
+            return print_signature(args.file, "WHATSAPP_APP_SECRET", hub=True)
+        return print_signature(args.file, "WEBHOOK_SECRET")
     try:
         client = Client(args.url, timeout=args.timeout)
     except BadURL as exc:
@@ -70,6 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
         "sign", help="print the X-Signature of a body, keyed with WEBHOOK_SECRET"
     )
     sign_cmd.add_argument("file", nargs="?", help="the body (default or '-': stdin)")
+    scheme = sign_cmd.add_mutually_exclusive_group()
+    scheme.add_argument(
+        "--standard-webhooks",
+        action="store_true",
+        help="print the three Standard Webhooks headers instead (for curl -H @file)",
+    )
+    scheme.add_argument(
+        "--whatsapp",
+        action="store_true",
+        help="print the X-Hub-Signature-256 value Meta would send, keyed with WHATSAPP_APP_SECRET",
+    )
+    sign_cmd.add_argument("--id", help="the webhook-id (default: a random msg_ id)")
+    sign_cmd.add_argument("--timestamp", type=int, help="the webhook-timestamp (default: now)")
 
     send_cmd = commands.add_parser(
         "send", help="build, sign and POST one message; print the status and body"
@@ -126,8 +144,6 @@ def run_server(host: str, port: int) -> int:
         port=port,
         log_config=uvicorn_log_config(settings.log_level),
         server_header=False,
-        # Client addresses are never used or logged, so X-Forwarded-* need no parsing.
-        proxy_headers=False,
         timeout_keep_alive=5,
         timeout_graceful_shutdown=20,
     )
@@ -154,20 +170,52 @@ def init_db() -> int:
     return EXIT_OK
 
 
-def print_signature(path: str | None) -> int:
+def print_signature(path: str | None, variable: str, *, hub: bool = False) -> int:
+    secret = os.environ.get(variable, "")
+    if not secret:
+        if variable == "WEBHOOK_SECRET":
+            return fail(_MISSING_KEY_HELP, EXIT_USAGE)
+        return fail(f"{variable} is not set: export the secret to sign with", EXIT_USAGE)
+    body = read_body(path)
+    if body is None:
+        return EXIT_USAGE
+    signature = sign(body, secret.encode())
+    print("sha256=" + signature if hub else signature)
+    return EXIT_OK
+
+
+def print_standard_headers(path: str | None, webhook_id: str | None, timestamp: int | None) -> int:
+    # Like the server's imports above: only this option needs the settings module.
+    from app.config import standard_webhook_key
+
     secret = os.environ.get("WEBHOOK_SECRET", "")
     if not secret:
         return fail(_MISSING_KEY_HELP, EXIT_USAGE)
-    if path in (None, "-"):
-        body = sys.stdin.buffer.read()
-    else:
-        try:
-            with open(path, "rb") as file:
-                body = file.read()
-        except OSError as exc:
-            return fail(f"cannot read {path}: {exc.strerror or type(exc).__name__}", EXIT_USAGE)
-    print(sign(body, secret.encode()))
+    try:
+        key = standard_webhook_key(secret)
+    except ValueError as exc:
+        return fail(f"WEBHOOK_SECRET: {exc}", EXIT_USAGE)
+    body = read_body(path)
+    if body is None:
+        return EXIT_USAGE
+    webhook_id = webhook_id or "msg_" + os.urandom(12).hex()
+    timestamp = int(time.time()) if timestamp is None else timestamp
+    print(f"webhook-id: {webhook_id}")
+    print(f"webhook-timestamp: {timestamp}")
+    print(f"webhook-signature: {sign_standard_webhook(webhook_id, timestamp, body, key)}")
     return EXIT_OK
+
+
+def read_body(path: str | None) -> bytes | None:
+    """The body to sign, from a file or stdin; None (and a message) if unreadable."""
+    if path in (None, "-"):
+        return sys.stdin.buffer.read()
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        fail(f"cannot read {path}: {exc.strerror or type(exc).__name__}", EXIT_USAGE)
+        return None
 
 
 def send(client: Client, secret: bytes, args: argparse.Namespace) -> int:

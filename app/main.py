@@ -14,7 +14,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app import routes
+from app import routes, whatsapp
 from app.config import ConfigError, Settings, load_settings
 from app.logging_utils import configure_logging, refuse_to_start
 from app.metrics import Metrics
@@ -133,6 +133,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url="/openapi.json" if docs else None,
     )
     app.include_router(routes.router)
+    if settings.whatsapp_enabled:
+        app.include_router(whatsapp.router)
+    elif settings.whatsapp_app_secret is not None or settings.whatsapp_verify_token is not None:
+        missing = (
+            "WHATSAPP_APP_SECRET"
+            if settings.whatsapp_app_secret is None
+            else "WHATSAPP_VERIFY_TOKEN"
+        )
+        logger.warning(
+            "WhatsApp endpoint disabled until both settings are set", extra={"missing": missing}
+        )
     app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
     return app
 

@@ -9,6 +9,7 @@ is written out below, so /docs still describes it.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -17,7 +18,7 @@ from app.config import Settings
 from app.metrics import Metrics
 from app.middleware import request_info
 from app.models import InvalidMessage, Message, parse_message
-from app.signature import InvalidSignature, verify_signature
+from app.signature import InvalidSignature, Verifier
 from app.storage import MessageStore, StorageUnavailable
 
 logger = logging.getLogger("app.webhook")
@@ -74,7 +75,12 @@ class WebhookEndpoint:
     def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
         self.app = app
         self.limit = settings.max_body_bytes
-        self.secrets = settings.secrets()
+        self.verifier = Verifier(
+            settings.secrets(),
+            settings.standard_webhook_keys(),
+            settings.webhook_tolerance_past_seconds,
+            settings.webhook_tolerance_future_seconds,
+        )
         self.retry_after = str(settings.retry_after_seconds).encode()
         self.metrics = metrics
 
@@ -103,11 +109,8 @@ class WebhookEndpoint:
             self.outcome(info, "client_disconnected")
             return 400, b'{"detail":"client disconnected"}', []
 
-        signature = headers.get(b"x-signature")
         try:
-            key_index = verify_signature(
-                raw, None if signature is None else signature.decode("latin-1"), self.secrets
-            )
+            key_index = self.verifier.verify(raw, scope["headers"], time.time())
         except InvalidSignature:
             info.error = True
             self.outcome(info, "invalid_signature")
@@ -169,14 +172,45 @@ def openapi_operation() -> dict[str, Any]:
         "post": {
             "summary": "Receive one signed message",
             "operationId": "webhook",
+            "description": (
+                "Signed either with X-Signature, or with the three Standard Webhooks headers"
+                " (any webhook-* header selects that scheme, and then all three are required)."
+            ),
             "parameters": [
                 {
                     "name": "X-Signature",
                     "in": "header",
-                    "required": True,
-                    "description": "Hex HMAC-SHA256 of the raw body, keyed with WEBHOOK_SECRET.",
-                    "schema": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"},
-                }
+                    "required": False,
+                    "description": (
+                        "Hex HMAC-SHA256 of the raw body, keyed with WEBHOOK_SECRET"
+                        " (or WEBHOOK_SECRET_PREVIOUS), optionally prefixed sha256=."
+                    ),
+                    "schema": {"type": "string", "pattern": "^(sha256=)?[0-9a-fA-F]{64}$"},
+                },
+                {
+                    "name": "webhook-id",
+                    "in": "header",
+                    "required": False,
+                    "description": "Standard Webhooks: the delivery id (no dots).",
+                    "schema": {"type": "string", "pattern": "^[\\x21-\\x2d\\x2f-\\x7e]{1,256}$"},
+                },
+                {
+                    "name": "webhook-timestamp",
+                    "in": "header",
+                    "required": False,
+                    "description": "Standard Webhooks: Unix seconds, within the tolerance window.",
+                    "schema": {"type": "string", "pattern": "^(0|[1-9][0-9]{0,11})$"},
+                },
+                {
+                    "name": "webhook-signature",
+                    "in": "header",
+                    "required": False,
+                    "description": (
+                        "Standard Webhooks: space-separated `v1,<base64 HMAC-SHA256 of"
+                        " id.timestamp.body>` entries; other versions are skipped."
+                    ),
+                    "schema": {"type": "string"},
+                },
             ],
             "requestBody": {
                 "required": True,
