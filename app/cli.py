@@ -144,6 +144,8 @@ def run_server(host: str, port: int) -> int:
         port=port,
         log_config=uvicorn_log_config(settings.log_level),
         server_header=False,
+        # Client addresses are never used or logged, so X-Forwarded-* need no parsing.
+        proxy_headers=False,
         timeout_keep_alive=5,
         timeout_graceful_shutdown=20,
     )
