@@ -32,9 +32,10 @@ RUN groupadd --system --gid "${APP_UID}" app \
  && chown app:app /data
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /srv/app /srv/app
+# No PYTHONUNBUFFERED: the log handler flushes warnings at once and request lines within
+# 0.2 s itself; unbuffered output would cost a write(2) per request.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/srv \
-    PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     DATABASE_URL=sqlite:////data/app.db \
     LOG_LEVEL=INFO

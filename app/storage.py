@@ -48,6 +48,11 @@ Row = tuple[Any, ...]
 SCHEMA_VERSION = 1
 # Rows per transaction at most; a burst bigger than this is committed in several.
 MAX_BATCH = 512
+# Rows added to the search index per indexing transaction, and the most the index may
+# lag behind before indexing runs even while inserts are waiting.
+SEARCH_BATCH = 2000
+SEARCH_BACKLOG_MAX = 20_000
+SEARCH_IDLE_SECONDS = 0.5
 
 
 class StorageUnavailable(Exception):
@@ -208,10 +213,15 @@ def _filters(query: ListQuery) -> tuple[list[str], list[Any]]:
     if query.q:
         folded = query.q.casefold()
         if len(folded) >= 3:
-            # The trigram index narrows the candidates; instr() below keeps the answer
-            # exactly "folded q is a substring of folded text".
+            # The trigram index narrows the candidates, plus the rows the index has not
+            # reached yet; instr() below keeps the answer exactly "folded q is a substring
+            # of folded text".
             phrase = '"' + folded.replace('"', '""') + '"'
-            clauses.append("rowid IN (SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?)")
+            clauses.append(
+                "rowid IN (SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?"
+                " UNION ALL SELECT rowid FROM messages WHERE rowid >"
+                " (SELECT indexed_through FROM search_progress WHERE id = 1))"
+            )
             params.append(phrase)
         clauses.append("instr(text_folded, ?) > 0")
         params.append(folded)
@@ -336,6 +346,7 @@ class _Writer(threading.Thread):
         super().__init__(name="sqlite-writer", daemon=True)
         self.conn = conn
         self.loop = loop
+        self.search = _SearchIndexer(conn)
         # Inserts arrive in lists: the event loop hands over everything that arrived in
         # one turn at once (see SQLiteStore.insert).
         self.jobs: queue.SimpleQueue[list[_Insert] | _Call | object] = queue.SimpleQueue()
@@ -345,7 +356,13 @@ class _Writer(threading.Thread):
 
     def run(self) -> None:
         while True:
-            jobs = [self.jobs.get()]
+            try:
+                jobs = [self.jobs.get(timeout=SEARCH_IDLE_SECONDS)]
+            except queue.Empty:
+                # Quiet for a moment: catch the search index up.
+                while self.search.automatic and self.search.backlog > 0 and self.jobs.empty():
+                    self.search.index_some()
+                continue
             while True:
                 try:
                     jobs.append(self.jobs.get_nowait())
@@ -366,6 +383,15 @@ class _Writer(threading.Thread):
             self._commit(batch)
             if stop:
                 return
+            # Search indexing runs in large batches, in the writer's spare moments, and
+            # cannot fall far behind under a sustained load.
+            backlog = self.search.backlog
+            if (
+                self.search.automatic
+                and backlog >= SEARCH_BATCH
+                and (self.jobs.empty() or backlog > SEARCH_BACKLOG_MAX)
+            ):
+                self.search.index_some()
 
     def _commit(self, batch: list[_Insert]) -> None:
         # A bounded transaction, however much is waiting.
@@ -406,7 +432,7 @@ class _Writer(threading.Thread):
         rows = json.dumps([job.row for job in batch], ensure_ascii=False)
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute(_INSERT_GROUP, (rows, utc_now()))
+            inserted = conn.execute(_INSERT_GROUP, (rows, utc_now())).rowcount
             noted = conn.execute("SELECT json_group_array(message_id) FROM created_ids")
             new_ids = set(json.loads(noted.fetchone()[0]))
             conn.execute("DELETE FROM created_ids")
@@ -414,6 +440,8 @@ class _Writer(threading.Thread):
         except BaseException:
             _rollback(conn)
             raise
+        if inserted > 0:
+            self.search.inserted(conn)
         # The first delivery of an id in the group is the one that created its row.
         created = []
         for job in batch:
@@ -435,6 +463,59 @@ class _Writer(threading.Thread):
         # RuntimeError: the loop is closed, so nobody is waiting any more.
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(_settle_all, settlements)
+
+
+class _SearchIndexer:
+    """Keeps messages_fts behind the inserts, in batches, on the writer's connection.
+
+    Indexing happens in its own transactions with synchronous=NORMAL (no fsync of its
+    own): the index is derived data, and the next message commit's fsync covers it. A
+    crash can only lose the index and its watermark together.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        # Whether the writer indexes by itself (tests turn it off to hold a state).
+        self.automatic = True
+        self.indexed_through = conn.execute(
+            "SELECT indexed_through FROM search_progress WHERE id = 1"
+        ).fetchone()[0]
+        self.last_rowid = conn.execute("SELECT coalesce(max(rowid), 0) FROM messages").fetchone()[0]
+
+    @property
+    def backlog(self) -> int:
+        return int(self.last_rowid - self.indexed_through)
+
+    def inserted(self, conn: sqlite3.Connection) -> None:
+        self.last_rowid = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+
+    def index_some(self, limit: int = SEARCH_BATCH) -> None:
+        if self.backlog <= 0:
+            return
+        conn = self.conn
+        try:
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("BEGIN IMMEDIATE")
+            upto = conn.execute(
+                "SELECT max(rowid) FROM (SELECT rowid FROM messages WHERE rowid > ?"
+                " ORDER BY rowid LIMIT ?)",
+                (self.indexed_through, limit),
+            ).fetchone()[0]
+            if upto is not None:
+                conn.execute(
+                    "INSERT INTO messages_fts (rowid, text_folded) SELECT rowid, text_folded"
+                    " FROM messages WHERE rowid > ? AND rowid <= ? AND text_folded IS NOT NULL",
+                    (self.indexed_through, upto),
+                )
+                conn.execute("UPDATE search_progress SET indexed_through = ? WHERE id = 1", (upto,))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            _rollback(conn)
+            logger.warning("search indexing failed", extra={"error": describe_sqlite_error(exc)})
+            return
+        finally:
+            conn.execute("PRAGMA synchronous = FULL")
+        self.indexed_through = upto if upto is not None else self.last_rowid
 
 
 def _settle_all(settlements: list[Settlement]) -> None:
@@ -533,6 +614,9 @@ class SQLiteStore:
                 apply_sqlite_schema(conn)
                 for statement in _NOTE_CREATED:
                     conn.execute(statement)
+                # The indexes an insert touches stay cached: at a million rows they
+                # are tens of MB, and the default 2 MB cache re-reads them all the time.
+                conn.execute("PRAGMA cache_size = -32768")
                 if not memory:
                     conn.execute("PRAGMA wal_autocheckpoint = 0")
                     conn.execute("PRAGMA journal_size_limit = 67108864")
@@ -621,6 +705,23 @@ class SQLiteStore:
             return conn.execute(sql, params).fetchall()
 
         return await self._read(run)
+
+    async def index_search(self, limit: int | None = None) -> None:
+        """Bring the search index up to date now (or by `limit` rows at most).
+
+        The writer does this by itself in its quiet moments; this is for tests and for
+        an operator who wants it done before a query.
+        """
+        indexer = self._writer.search
+
+        def run(conn: sqlite3.Connection) -> None:
+            remaining = indexer.backlog if limit is None else limit
+            while remaining > 0 and indexer.backlog > 0:
+                step = min(remaining, SEARCH_BATCH)
+                indexer.index_some(step)
+                remaining -= step
+
+        await self._write_call(run)
 
     async def close(self) -> None:
         self._sweeper.cancel()

@@ -27,6 +27,7 @@ WORDS = (  # noqa: SIM905 - a word list reads best as words
     "working test"
 ).split()
 START = datetime(2025, 1, 1, tzinfo=UTC)
+LIVE_START = datetime(2025, 2, 1, tzinfo=UTC)
 
 
 def sender(rng: random.Random) -> str:
@@ -38,8 +39,11 @@ def sender(rng: random.Random) -> str:
     return f"+1555{index:07d}"
 
 
-def message(rng: random.Random, message_id: str) -> dict[str, object]:
-    moment = START + timedelta(seconds=rng.uniform(0, 30 * 86400))
+def message(
+    rng: random.Random, message_id: str, moment: datetime | None = None
+) -> dict[str, object]:
+    if moment is None:
+        moment = START + timedelta(seconds=rng.uniform(0, 30 * 86400))
     ts = moment.strftime("%Y-%m-%dT%H:%M:%S")
     if rng.random() < 0.3:
         ts += "." + f"{moment.microsecond:06d}"[: rng.randint(1, 6)]
@@ -59,15 +63,25 @@ def message(rng: random.Random, message_id: str) -> dict[str, object]:
 
 
 def messages(prefix: str, count: int, seed: int = 1) -> Iterator[dict[str, object]]:
+    """Stored history: timestamps anywhere in a month, in no particular order."""
     rng = random.Random(seed)
     for index in range(count):
         yield message(rng, f"{prefix}{index}")
 
 
+def live_messages(prefix: str, count: int, seed: int = 1) -> Iterator[dict[str, object]]:
+    """Live traffic: message ids as opaque as a provider's, timestamps close to "now",
+    mostly in order (a delivery can lag a few seconds behind the next one)."""
+    rng = random.Random(seed)
+    for index in range(count):
+        moment = LIVE_START + timedelta(milliseconds=index, seconds=-rng.uniform(0, 3))
+        yield message(rng, f"{prefix}{rng.getrandbits(64):016x}", moment)
+
+
 def write_signed_bodies(path: Path, prefix: str, count: int, secret: bytes) -> None:
     """Lines of `<hex signature> <message_id> <body>` for bench/post.lua."""
     with open(path, "w", encoding="utf-8") as out:
-        for body in messages(prefix, count, seed=hash(prefix) & 0xFFFF):
+        for body in live_messages(prefix, count, seed=hash(prefix) & 0xFFFF):
             raw = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
             signature = hmac.digest(secret, raw, "sha256").hex()
             out.write(f"{signature} {body['message_id']} {raw.decode()}\n")
@@ -117,6 +131,9 @@ def prefill_service(path: Path, count: int, prefix: str = "p") -> None:
         " senders = (SELECT count(*) FROM sender_counts)"
     )
     conn.execute("INSERT INTO messages_fts (messages_fts) VALUES ('rebuild')")
+    conn.execute(
+        "UPDATE search_progress SET indexed_through = (SELECT coalesce(max(rowid), 0) FROM messages)"
+    )
     for _, sql in saved:
         conn.execute(sql)
     conn.execute("COMMIT")

@@ -78,6 +78,11 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far, all threads."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def rss_mb(self) -> tuple[float, float]:
         """(current, peak) resident set size in MB."""
         status = Path(f"/proc/{self.process.pid}/status").read_text()
@@ -144,6 +149,9 @@ class Load:
     acked: list[str] = field(default_factory=list)
     statuses: dict[str, int] = field(default_factory=dict)
     server_ms: float | None = None
+    # Server CPU time (all threads) per request, in microseconds: efficiency, which a
+    # busy machine disturbs less than throughput.
+    cpu_us: float | None = None
 
 
 def wrk(
@@ -153,6 +161,7 @@ def wrk(
     duration: float,
     workdir: Path,
     bodies: Path | None = None,
+    server: Server | None = None,
 ) -> Load:
     threads = 1 if connections == 1 else 2
     result = workdir / "wrk-result.json"
@@ -161,6 +170,7 @@ def wrk(
     env = {**os.environ, "RESULT": str(result), "NTHREADS": str(threads)}
     if bodies:
         env["BODIES"] = str(bodies)
+    cpu_before = server.cpu_seconds() if server else 0.0
     subprocess.run(
         [
             "wrk",
@@ -178,7 +188,11 @@ def wrk(
         capture_output=True,
     )
     data = json.loads(result.read_text())
+    cpu_us = None
+    if server is not None and data["requests"]:
+        cpu_us = (server.cpu_seconds() - cpu_before) / data["requests"] * 1e6
     return Load(
+        cpu_us=cpu_us,
         rps=data["requests"] / (data["duration_us"] / 1e6),
         p50_ms=data["p50_us"] / 1000,
         p99_ms=data["p99_us"] / 1000,
@@ -253,6 +267,7 @@ def run_ingest(args: argparse.Namespace, workdir: Path, table: Table) -> None:
                     duration=args.duration,
                     workdir=run_dir,
                     bodies=fresh,
+                    server=server,
                 )
                 check_acked(name, load, db)
                 table.add("insert, 64 conn", name, load)
@@ -264,6 +279,7 @@ def run_ingest(args: argparse.Namespace, workdir: Path, table: Table) -> None:
                     duration=args.duration,
                     workdir=run_dir,
                     bodies=single,
+                    server=server,
                 )
                 check_acked(name, load, db)
                 table.add("insert, 1 conn", name, load)
@@ -273,7 +289,12 @@ def run_ingest(args: argparse.Namespace, workdir: Path, table: Table) -> None:
                     for _, line in zip(range(5000), source, strict=False):
                         out.write(line)
                 load = wrk(
-                    server.url, connections=64, duration=args.duration, workdir=run_dir, bodies=dups
+                    server.url,
+                    connections=64,
+                    duration=args.duration,
+                    workdir=run_dir,
+                    bodies=dups,
+                    server=server,
                 )
                 table.add("duplicate, 64 conn", name, load)
             print(f"  pass {pass_index + 1}: {name} ingest done", file=sys.stderr)
@@ -311,6 +332,7 @@ def run_queries(args: argparse.Namespace, workdir: Path, table: Table, rows: int
                             connections=connections,
                             duration=args.query_duration,
                             workdir=run_dir,
+                            server=server,
                         )
                         if name == "service":
                             load.server_ms = server_time_ms(
@@ -370,6 +392,7 @@ def run_million(args: argparse.Namespace, workdir: Path) -> list[str]:
                     duration=args.duration,
                     workdir=run_dir,
                     bodies=fresh,
+                    server=server,
                 )
                 check_acked("service", load, db)
                 table.add("insert, 64 conn", kind, load)
@@ -415,6 +438,7 @@ def fmt(value: float | None, digits: int = 0) -> str:
 def report(table: Table, variants: list[str]) -> list[str]:
     lines = []
     header = f"{'load':<40}" + "".join(f"{name + ' req/s':>15}" for name in variants)
+    header += "".join(f"{name[:5] + ' cpu us':>13}" for name in variants)
     header += f"{'svc p50 ms':>11}{'svc p99 ms':>11}{'svc srv ms':>11}"
     ratios = [
         (a, b)
@@ -428,6 +452,8 @@ def report(table: Table, variants: list[str]) -> list[str]:
         line = f"{label:<40}"
         for name in variants:
             line += f"{fmt(table.median(label, name, 'rps')):>15}"
+        for name in variants:
+            line += f"{fmt(table.median(label, name, 'cpu_us'), 1):>13}"
         line += f"{fmt(table.median(label, 'service', 'p50_ms'), 2):>11}"
         line += f"{fmt(table.median(label, 'service', 'p99_ms'), 2):>11}"
         line += f"{fmt(table.median(label, 'service', 'server_ms'), 3):>11}"

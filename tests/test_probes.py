@@ -85,3 +85,10 @@ def test_read_only_database_answers_503(make_client: AppClient, db_path: Path) -
     assert client.get("/health/ready").status_code == 200
     assert client.post_signed(message(message_id="after")).status_code == 200
     assert client.rows() == [("after",), ("before",)]
+
+
+def test_probes_answer_head(file_client: Client) -> None:
+    assert file_client.head("/health/live").status_code == 200
+    ready = file_client.head("/health/ready")
+    assert ready.status_code == 200
+    assert ready.content == b""
