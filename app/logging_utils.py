@@ -82,7 +82,7 @@ class _JsonHandler(logging.StreamHandler[TextIO]):
                 self._unflushed = True
         except RecursionError:
             raise
-        except Exception:
+        except Exception:  # noqa: BLE001 - logging's own convention: report, never raise
             self.handleError(record)
 
     def _flush_regularly(self) -> None:

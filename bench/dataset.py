@@ -132,7 +132,8 @@ def prefill_service(path: Path, count: int, prefix: str = "p") -> None:
     )
     conn.execute("INSERT INTO messages_fts (messages_fts) VALUES ('rebuild')")
     conn.execute(
-        "UPDATE search_progress SET indexed_through = (SELECT coalesce(max(rowid), 0) FROM messages)"
+        "UPDATE search_progress"
+        " SET indexed_through = (SELECT coalesce(max(rowid), 0) FROM messages)"
     )
     for _, sql in saved:
         conn.execute(sql)
