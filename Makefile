@@ -13,7 +13,7 @@ DEMO_URL ?= http://127.0.0.1:$(API_PORT)
 # else the host's python3.
 DEMO_PYTHON ?= $(shell [ -x $(BIN)/python ] && echo $(BIN)/python || echo $(PYTHON))
 
-.PHONY: up down logs demo docker-smoke test lint run init-db clean
+.PHONY: up down logs demo docker-smoke test lint run init-db bench bench-quick wrk clean
 
 # The Compose stack: a secret (exported, else .env, else a fresh one in .env), the image
 # built, the service started and waited for (bounded), then where to find it.
@@ -60,6 +60,22 @@ test: lint
 run: $(STAMP)
 	@./scripts/ensure-env
 	DATABASE_URL=$${DATABASE_URL:-sqlite:///./data/app.db} ./scripts/with-env $(BIN)/python -m app serve --host $(HOST) --port $(PORT)
+
+# Benchmarks (see README, Performance): this service beside a naive reference and a
+# raw-ASGI floor, then the service at a million rows. About 15 minutes; bench-quick ~3.
+BENCH_ARGS ?= --passes 3 --million
+bench: $(STAMP) wrk
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+bench-quick: $(STAMP) wrk
+	$(BIN)/python -m bench.run --passes 1 --duration 3 --query-duration 2 --rows 20000
+
+# wrk, the load generator, from Debian's packages when it is missing.
+wrk:
+	@command -v wrk >/dev/null || { \
+	  echo "installing wrk (Debian package)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -qq wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }; \
+	  else sudo apt-get install -y -qq wrk; fi; }
 
 init-db: $(STAMP)
 	DATABASE_URL=$${DATABASE_URL:-sqlite:///./data/app.db} ./scripts/with-env $(BIN)/python -m app init-db

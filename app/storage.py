@@ -191,13 +191,10 @@ _INSERT_GROUP = (
     " FROM json_each(?1) ORDER BY key"
     " ON CONFLICT (message_id) DO NOTHING"
 )
-# Which rows of the group were new: a TEMP trigger (this connection's own) notes each
-# inserted id, read back as one JSON array in one call.
-_NOTE_CREATED = (
-    "CREATE TEMP TABLE IF NOT EXISTS created_ids (message_id TEXT)",
-    "CREATE TEMP TRIGGER IF NOT EXISTS note_created AFTER INSERT ON main.messages"
-    " BEGIN INSERT INTO created_ids (message_id) VALUES (NEW.message_id); END",
-)
+# Which ids of the group were new, when some were not: the rows this statement created
+# are the last `changes()` rowids (one statement allocates them consecutively, and the
+# transaction holds the write lock), read back as one JSON array in one call.
+_CREATED_SINCE = "SELECT json_group_array(message_id) FROM messages WHERE rowid > ?"
 _COLUMNS = "message_id, from_msisdn, to_msisdn, ts, text, ts_key"
 
 
@@ -432,16 +429,23 @@ class _Writer(threading.Thread):
         rows = json.dumps([job.row for job in batch], ensure_ascii=False)
         conn.execute("BEGIN IMMEDIATE")
         try:
-            inserted = conn.execute(_INSERT_GROUP, (rows, utc_now())).rowcount
-            noted = conn.execute("SELECT json_group_array(message_id) FROM created_ids")
-            new_ids = set(json.loads(noted.fetchone()[0]))
-            conn.execute("DELETE FROM created_ids")
+            cursor = conn.execute(_INSERT_GROUP, (rows, utc_now()))
+            inserted, last_rowid = cursor.rowcount, cursor.lastrowid or 0
+            if inserted == len(batch):
+                new_ids = None  # all new: the common case costs no extra statement
+            elif inserted == 0:
+                new_ids = set()
+            else:
+                noted = conn.execute(_CREATED_SINCE, (last_rowid - inserted,)).fetchone()[0]
+                new_ids = set(json.loads(noted))
             conn.execute("COMMIT")
         except BaseException:
             _rollback(conn)
             raise
         if inserted > 0:
-            self.search.inserted(conn)
+            self.search.last_rowid = last_rowid
+        if new_ids is None:
+            return [True] * len(batch)
         # The first delivery of an id in the group is the one that created its row.
         created = []
         for job in batch:
@@ -485,9 +489,6 @@ class _SearchIndexer:
     @property
     def backlog(self) -> int:
         return int(self.last_rowid - self.indexed_through)
-
-    def inserted(self, conn: sqlite3.Connection) -> None:
-        self.last_rowid = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
 
     def index_some(self, limit: int = SEARCH_BATCH) -> None:
         if self.backlog <= 0:
@@ -612,8 +613,6 @@ class SQLiteStore:
             conn = connect_sqlite(path, busy_timeout_ms=busy_timeout_ms)
             try:
                 apply_sqlite_schema(conn)
-                for statement in _NOTE_CREATED:
-                    conn.execute(statement)
                 # The indexes an insert touches stay cached: at a million rows they
                 # are tens of MB, and the default 2 MB cache re-reads them all the time.
                 conn.execute("PRAGMA cache_size = -32768")

@@ -136,3 +136,15 @@ def test_split_statements_keeps_triggers_whole() -> None:
     statements = split_statements(script)
     assert len(statements) == 2
     assert statements[1].endswith("END;")
+
+
+async def test_one_group_with_new_repeated_and_stored_ids(store: SQLiteStore) -> None:
+    assert await store.insert(msg("stored")) is True
+    # Handed to the writer together, so they are committed as one group.
+    results = await asyncio.gather(
+        *(store.insert(msg(mid)) for mid in ["a", "b", "a", "stored", "c", "b"])
+    )
+    assert results == [True, True, False, False, True, False]
+    page = await store.list_messages(ListQuery())
+    assert sorted(m.message_id for m in page.data) == ["a", "b", "c", "stored"]
+    assert (await store.stats()).total_messages == 4
