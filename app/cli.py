@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 import uvicorn
 
 from app.config import ConfigError, load_settings, parse_database_url
 from app.logging_utils import refuse_to_start, uvicorn_log_config
+from app.migrations import SCHEMA_VERSION
+from app.postgres_store import migrate
 from app.signature import sign
-from app.storage import init_sqlite
+from app.storage import StorageUnavailable, init_sqlite
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,14 +66,30 @@ def init_db() -> int:
     except ValueError as exc:
         refuse_to_start(f"invalid configuration: DATABASE_URL: {exc}")
         return 2
-    if database.scheme != "sqlite":
-        refuse_to_start(
-            "invalid configuration: DATABASE_URL: postgresql:// is not supported by this build"
-        )
-        return 2
-    version = init_sqlite(database.target)
-    print(f"schema version {version} applied to {database.target}")
+    if database.scheme == "sqlite":
+        version = init_sqlite(database.target)
+        print(f"schema version {version} applied to {database.target}")
+        return 0
+    try:
+        asyncio.run(migrate(database.target, startup_timeout=startup_timeout()))
+    except StorageUnavailable as exc:
+        refuse_to_start(f"init-db: {exc}")
+        return 1
+    print(f"schema version {SCHEMA_VERSION} applied to {describe_postgres_url(database.target)}")
     return 0
+
+
+def startup_timeout() -> float:
+    try:
+        return float(os.environ.get("DATABASE_STARTUP_TIMEOUT_SECONDS", "30"))
+    except ValueError:
+        return 30.0
+
+
+def describe_postgres_url(url: str) -> str:
+    """host:port/database, without the user or password."""
+    parts = urlsplit(url)
+    return f"PostgreSQL at {parts.hostname}:{parts.port or 5432}{parts.path}"
 
 
 def print_signature(path: str | None) -> int:

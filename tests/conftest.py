@@ -13,8 +13,10 @@ from pydantic import SecretStr
 
 from app.config import Settings
 from app.main import create_app
+from app.postgres_store import PostgresStore
 from app.signature import sign
 from app.storage import Row, SQLiteStore
+from tests.postgres import PostgresCluster, find_binaries
 
 SECRET = "testsecret"
 
@@ -65,8 +67,14 @@ class Client(TestClient):
         return self.post("/webhook", content=raw, headers=sent)
 
     @property
-    def store(self) -> SQLiteStore:
-        store: SQLiteStore = self.app_state["store"]
+    def store(self) -> SQLiteStore | PostgresStore:
+        store: SQLiteStore | PostgresStore = self.app_state["store"]
+        return store
+
+    @property
+    def sqlite_store(self) -> SQLiteStore:
+        store = self.store
+        assert isinstance(store, SQLiteStore)
         return store
 
     def rows(self, sql: str = "SELECT message_id FROM messages ORDER BY message_id") -> list[Row]:
@@ -103,10 +111,37 @@ def make_client() -> Iterator[AppClient]:
         client.__exit__(None, None, None)
 
 
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """A PostgreSQL cluster of our own for the whole session, removed after it."""
+    binaries = find_binaries()
+    if binaries is None:
+        pytest.skip(
+            "PostgreSQL binaries (initdb, pg_ctl, postgres) not found on PATH, in PG_BIN or "
+            "under /usr/lib/postgresql: the PostgreSQL variants of the tests are skipped"
+        )
+    cluster = PostgresCluster(binaries)
+    try:
+        cluster.init()
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest) -> str:
+    """Each backend in turn: SQLite in memory, and an emptied PostgreSQL database."""
+    if request.param == "sqlite":
+        return "sqlite:///:memory:"
+    cluster: PostgresCluster = request.getfixturevalue("postgres")
+    return cluster.clean_database()
+
+
 @pytest.fixture
-def client(make_client: AppClient) -> Client:
-    """The app on a :memory: SQLite database (as the brief asks): fast and isolated."""
-    return make_client()
+def client(make_client: AppClient, database_url: str) -> Client:
+    """The app on a fresh database of each backend (SQLite :memory:, as the brief asks)."""
+    return make_client(database_url=database_url)
 
 
 @pytest.fixture

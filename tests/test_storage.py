@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
+from app.migrations import apply_sqlite_schema, split_statements
 from app.models import ListQuery, Message, instant_key
-from app.storage import SQLiteStore, apply_sqlite_schema, init_sqlite, split_statements
+from app.storage import SQLiteStore, init_sqlite
 
 pytestmark = pytest.mark.anyio
 
