@@ -175,6 +175,7 @@ class PostgresStore:
         pool_size: int = 10,
         write_timeout: float = 5.0,
         startup_timeout: float = 30.0,
+        fold_interval: float = FOLD_INTERVAL_SECONDS,
     ) -> PostgresStore:
         await migrate(url, startup_timeout=startup_timeout)
         pool = await asyncpg.create_pool(
@@ -189,7 +190,9 @@ class PostgresStore:
             },
         )
         store = cls(pool, write_timeout=write_timeout)
-        store._folder = asyncio.create_task(store._fold_forever(), name="fold-message-counts")
+        store._folder = asyncio.create_task(
+            store._fold_forever(fold_interval), name="fold-message-counts"
+        )
         return store
 
     async def insert(self, message: Message) -> bool:
@@ -286,10 +289,10 @@ class PostgresStore:
             # The caller logs the reason along with what it was doing.
             raise StorageUnavailable(describe(exc)) from None
 
-    async def _fold_forever(self) -> None:
+    async def _fold_forever(self, interval: float) -> None:
         failing = False
         while True:
-            await asyncio.sleep(FOLD_INTERVAL_SECONDS)
+            await asyncio.sleep(interval)
             try:
                 await self.fold()
             except StorageUnavailable as exc:

@@ -24,7 +24,6 @@ import asyncpg
 
 from app.migrations import apply_postgres_schema
 
-
 USER = "postgres"
 PASSWORD = secrets.token_hex(8)
 # What the tests need from the server beyond the defaults. fsync stays on: the kill
