@@ -57,6 +57,9 @@ TRANSIENT_AT_START = (
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
 )
+# What a row itself can cause (a value or a constraint the database refuses): that row
+# fails, the others in its batch are retried without it.
+ROW_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 CONNECT_TIMEOUT_SECONDS = 5.0
 FOLD_INTERVAL_SECONDS = 1.0
 CLOSE_TIMEOUT_SECONDS = 10.0
@@ -66,6 +69,17 @@ _INSERT = (
     " (message_id, from_msisdn, to_msisdn, ts, text, ts_key, text_folded, created_at)"
     " VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (message_id) DO NOTHING"
 )
+# Many rows in one statement (one transaction, one WAL flush); duplicates inside the batch
+# are fine: the first is inserted, the others meet it and do nothing.
+_INSERT_MANY = (
+    "INSERT INTO messages"
+    " (message_id, from_msisdn, to_msisdn, ts, text, ts_key, text_folded, created_at)"
+    " SELECT r.*, $8 FROM unnest("
+    "$1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[]) AS r"
+    " ON CONFLICT (message_id) DO NOTHING RETURNING message_id"
+)
+# Rows per statement at most; a bigger burst is sent as several.
+MAX_BATCH = 256
 _COLUMNS = "message_id, from_msisdn, to_msisdn, ts, text, ts_key"
 _TOTAL = (
     "(SELECT total FROM message_totals WHERE id = 1)"
@@ -108,6 +122,10 @@ _PROBE_WRITE = (
     "INSERT INTO write_probe (id, at) VALUES (1, $1)"
     " ON CONFLICT (id) DO UPDATE SET at = excluded.at"
 )
+
+
+class RowRejected(Exception):
+    """The database refused something about the rows, not the connection."""
 
 
 def describe(exc: BaseException) -> str:
@@ -166,6 +184,9 @@ class PostgresStore:
         # False after a failed write, True after a good one: readiness reads it.
         self._healthy = True
         self._folder: asyncio.Task[None] | None = None
+        self._waiting: list[tuple[Row, asyncio.Future[bool]]] = []
+        self._flushers: set[asyncio.Task[None]] = set()
+        self._max_flushers = max(1, pool.get_max_size() // 2)
 
     @classmethod
     async def open(
@@ -196,19 +217,62 @@ class PostgresStore:
         return store
 
     async def insert(self, message: Message) -> bool:
-        row = message_row(message)
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiting.append((message_row(message), future))
+        if len(self._flushers) < self._max_flushers:
+            flusher = asyncio.create_task(self._flush())
+            self._flushers.add(flusher)
+            flusher.add_done_callback(self._flushers.discard)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self._write_timeout)
+        except TimeoutError:
+            # The row may still commit later; the sender's retry is then a duplicate.
+            future.add_done_callback(_consume)
+            raise StorageUnavailable("write timed out") from None
 
-        async def run(conn: Connection) -> str:
-            return str(await conn.execute(_INSERT, *row, utc_now()))
+    async def _flush(self) -> None:
+        # Group commit: while up to _max_flushers statements are in flight, requests
+        # queue up, and the next statement takes every row waiting by then.
+        while self._waiting:
+            batch = self._waiting[:MAX_BATCH]
+            del self._waiting[:MAX_BATCH]
+            await self._commit(batch)
+
+    async def _commit(self, batch: list[tuple[Row, asyncio.Future[bool]]]) -> None:
+        now = utc_now()
+        columns = [list(column) for column in zip(*(row for row, _ in batch), strict=True)]
+
+        async def run(conn: Connection) -> set[str]:
+            try:
+                records = await conn.fetch(_INSERT_MANY, *columns, now)
+            except ROW_ERRORS as exc:
+                raise RowRejected(describe(exc)) from None
+            return {record[0] for record in records}
 
         try:
-            status = await self._with_connection(run, self._write_timeout)
-        except StorageUnavailable:
+            created = await self._with_connection(run, self._write_timeout)
+        except StorageUnavailable as exc:
+            # Away, full, read-only: the database, not the rows. Fail them all.
             self._healthy = False
-            raise
+            _fail(batch, exc)
+            return
+        except Exception:
+            if len(batch) > 1:
+                # Something about one row (it should not happen: rows are validated).
+                # Retry one by one so that a single bad row fails alone.
+                for one in batch:
+                    await self._commit([one])
+                return
+            logger.exception("insert failed")
+            _fail(batch, StorageUnavailable("insert failed"))
+            return
         self._healthy = True
-        # "INSERT 0 1": stored now; "INSERT 0 0": the primary key was already there.
-        return status.endswith(" 1")
+        for row, future in batch:
+            # Only the first delivery of an id in this batch reports it as new.
+            new = row[0] in created
+            created.discard(row[0])
+            if not future.done():
+                future.set_result(new)
 
     async def list_messages(self, query: ListQuery) -> MessagePage:
         sql, args = list_statement(query)
@@ -270,6 +334,8 @@ class PostgresStore:
         return await self._with_connection(run, self._write_timeout)
 
     async def close(self) -> None:
+        if self._flushers:
+            await asyncio.wait(self._flushers, timeout=self._write_timeout)
         if self._folder is not None:
             self._folder.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -303,6 +369,19 @@ class PostgresStore:
             if failing:
                 logger.info("folding counts again")
                 failing = False
+
+
+def _fail(batch: list[tuple[Row, asyncio.Future[bool]]], error: StorageUnavailable) -> None:
+    for _, future in batch:
+        if not future.done():
+            future.set_exception(error)
+
+
+def _consume(future: asyncio.Future[bool]) -> None:
+    # Nobody waits for this outcome any more; fetching it keeps asyncio from logging
+    # "exception was never retrieved".
+    if not future.cancelled():
+        future.exception()
 
 
 async def migrate(url: str, *, startup_timeout: float = 0.0) -> int:

@@ -16,6 +16,7 @@ import pytest
 from app.migrations import BACKENDS, SCHEMA_VERSION, apply_postgres_schema, migrations
 from app.models import ListQuery, Message, Stats
 from app.postgres_store import PostgresStore, migrate
+from app.storage import StorageUnavailable
 from tests.broken_stores import ReadThenInsert, TwoSnapshotStats
 from tests.conftest import AppClient, message
 from tests.postgres import PASSWORD, PostgresCluster, database_name
@@ -405,3 +406,33 @@ async def test_apply_is_a_no_op_on_a_current_database(url: str) -> None:
         assert await conn.fetchval("SELECT count(*) FROM schema_version") == 1
     finally:
         await conn.close()
+
+
+async def test_a_row_the_database_refuses_fails_alone(
+    postgres: PostgresCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = postgres.create_database("refuse")
+    store = await PostgresStore.open(url, fold_interval=NO_FOLDING)
+    try:
+        postgres.execute(
+            "ALTER TABLE messages ADD CONSTRAINT refuse_one CHECK (message_id <> 'bad')",
+            database=database_name(url),
+        )
+        # Queued together, so they share one statement until "bad" spoils it.
+        results = await asyncio.gather(
+            store.insert(msg("good1")),
+            store.insert(msg("bad")),
+            store.insert(msg("good2")),
+            return_exceptions=True,
+        )
+        assert results[0] is True
+        assert isinstance(results[1], StorageUnavailable)
+        assert results[2] is True
+        assert await store.query("SELECT message_id FROM messages ORDER BY 1") == [
+            ("good1",),
+            ("good2",),
+        ]
+        assert "insert failed" in caplog.messages
+        await store.ping()  # the database itself is fine
+    finally:
+        await store.close()
