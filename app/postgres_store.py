@@ -240,7 +240,11 @@ class PostgresStore:
 
     async def _commit(self, batch: list[tuple[Row, asyncio.Future[bool]]]) -> None:
         now = utc_now()
-        columns = [list(column) for column in zip(*(row for row, _ in batch), strict=True)]
+        # Rows in message_id order: two batches holding the same ids (one delivery sent
+        # to two replicas) then take their index locks in the same order, and wait for
+        # each other instead of deadlocking.
+        rows = sorted((row for row, _ in batch), key=lambda row: str(row[0]))
+        columns = [list(column) for column in zip(*rows, strict=True)]
 
         async def run(conn: Connection) -> set[str]:
             try:

@@ -16,7 +16,7 @@ from app.main import create_app
 from app.postgres_store import PostgresStore
 from app.signature import sign
 from app.storage import Row, SQLiteStore
-from tests.postgres import PostgresCluster, find_binaries
+from tests.postgres import PostgresCluster, why_unavailable
 
 SECRET = "testsecret"
 
@@ -114,13 +114,10 @@ def make_client() -> Iterator[AppClient]:
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresCluster]:
     """A PostgreSQL cluster of our own for the whole session, removed after it."""
-    binaries = find_binaries()
-    if binaries is None:
-        pytest.skip(
-            "PostgreSQL binaries (initdb, pg_ctl, postgres) not found on PATH, in PG_BIN or "
-            "under /usr/lib/postgresql: the PostgreSQL variants of the tests are skipped"
-        )
-    cluster = PostgresCluster(binaries)
+    reason = why_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    cluster = PostgresCluster()
     try:
         cluster.init()
         cluster.start()

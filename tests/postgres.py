@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pwd
 import secrets
 import shutil
 import socket
@@ -47,24 +48,47 @@ def free_port() -> int:
 def find_binaries() -> Path | None:
     """The folder holding initdb, pg_ctl and postgres, or None."""
     configured = os.environ.get("PG_BIN")
-    candidates = [Path(configured)] if configured else []
-    on_path = shutil.which("initdb")
-    if on_path:
-        # /usr/local/bin/initdb is a link into /usr/lib/postgresql/15/bin: pg_ctl finds
-        # `postgres` beside the real file.
-        candidates.append(Path(on_path).resolve().parent)
-    candidates += sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+    if configured:
+        # Only there: PG_BIN=/nowhere runs the suite as if none were installed.
+        candidates = [Path(configured)]
+    else:
+        candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+        on_path = shutil.which("initdb")
+        if on_path:
+            # /usr/local/bin/initdb links into /usr/lib/postgresql/15/bin, and pg_ctl
+            # looks for `postgres` beside the real file.
+            candidates.insert(0, Path(on_path).resolve().parent)
     for folder in candidates:
         if all((folder / name).is_file() for name in ("initdb", "pg_ctl", "postgres")):
             return folder
     return None
 
 
+def why_unavailable() -> str | None:
+    """None if a cluster can be started here, else why not (the tests skip with it)."""
+    if find_binaries() is None:
+        return (
+            "PostgreSQL binaries (initdb, pg_ctl, postgres) not found on PATH, in PG_BIN or "
+            "under /usr/lib/postgresql: the PostgreSQL variants of the tests are skipped"
+        )
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam(USER)
+        except KeyError:
+            return "running as root without a 'postgres' user to run PostgreSQL as: skipped"
+        if shutil.which("runuser") is None:
+            return "running as root without runuser to start PostgreSQL as 'postgres': skipped"
+    return None
+
+
 class PostgresCluster:
     """One initdb'd cluster: start, stop, restart, make databases, run admin SQL."""
 
-    def __init__(self, binaries: Path) -> None:
-        self.binaries = binaries
+    def __init__(self, binaries: Path | None = None) -> None:
+        found = binaries or find_binaries()
+        if found is None:
+            raise RuntimeError("no PostgreSQL binaries")
+        self.binaries = found
         self.as_postgres = os.geteuid() == 0
         self.root = Path(tempfile.mkdtemp(prefix="pgtest-"))
         self.data = self.root / "data"

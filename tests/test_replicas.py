@@ -20,7 +20,7 @@ import pytest
 
 from app.signature import sign
 from tests.conftest import SECRET, encode, message
-from tests.postgres import PASSWORD, PostgresCluster, database_name, find_binaries
+from tests.postgres import PASSWORD, PostgresCluster, database_name, why_unavailable
 from tests.server import Server, running_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -185,10 +185,10 @@ def test_acknowledging_before_the_commit_is_caught(
 @pytest.fixture
 def own_cluster() -> Iterator[PostgresCluster]:
     """A cluster this test may stop and start without disturbing the others."""
-    binaries = find_binaries()
-    if binaries is None:
-        pytest.skip("PostgreSQL binaries not found: the outage test is skipped")
-    cluster = PostgresCluster(binaries)
+    reason = why_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    cluster = PostgresCluster()
     try:
         cluster.init()
         cluster.start()
