@@ -187,6 +187,9 @@ class PostgresStore:
         self._waiting: list[tuple[Row, asyncio.Future[bool]]] = []
         self._flushers: set[asyncio.Task[None]] = set()
         self._max_flushers = max(1, pool.get_max_size() // 2)
+        # Counted by the flushers themselves, not by their tasks' done-callbacks (which
+        # run a step later): a row queued just as the last flusher quits must start another.
+        self._active_flushers = 0
 
     @classmethod
     async def open(
@@ -219,7 +222,8 @@ class PostgresStore:
     async def insert(self, message: Message) -> bool:
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiting.append((message_row(message), future))
-        if len(self._flushers) < self._max_flushers:
+        if self._active_flushers < self._max_flushers:
+            self._active_flushers += 1
             flusher = asyncio.create_task(self._flush())
             self._flushers.add(flusher)
             flusher.add_done_callback(self._flushers.discard)
@@ -233,10 +237,13 @@ class PostgresStore:
     async def _flush(self) -> None:
         # Group commit: while up to _max_flushers statements are in flight, requests
         # queue up, and the next statement takes every row waiting by then.
-        while self._waiting:
-            batch = self._waiting[:MAX_BATCH]
-            del self._waiting[:MAX_BATCH]
-            await self._commit(batch)
+        try:
+            while self._waiting:
+                batch = self._waiting[:MAX_BATCH]
+                del self._waiting[:MAX_BATCH]
+                await self._commit(batch)
+        finally:
+            self._active_flushers -= 1
 
     async def _commit(self, batch: list[tuple[Row, asyncio.Future[bool]]]) -> None:
         now = utc_now()
