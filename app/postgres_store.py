@@ -3,11 +3,12 @@
 The same schema and answers as the SQLite store (app/schema/postgres/ mirrors
 app/schema/sqlite/), on asyncpg:
 
-- Every insert is one `INSERT ... ON CONFLICT (message_id) DO NOTHING`, committed on its
-  own with synchronous_commit on, from a pool of DATABASE_POOL_SIZE connections. Whether
-  the row was new is that statement's row count: never a read first, so concurrent
-  deliveries on any replicas store one row and report one `created`. PostgreSQL groups
-  the WAL flushes of concurrent commits itself, as the SQLite writer does by hand.
+- Inserts are grouped as with SQLite: while a few statements are in flight, requests
+  queue up, and the next statement takes every row waiting by then, as one
+  `INSERT ... SELECT FROM unnest(...) ON CONFLICT (message_id) DO NOTHING RETURNING
+  message_id`, committed with synchronous_commit on. The returned ids are the new ones:
+  never a read first, so concurrent deliveries on any replicas store one row and report
+  one `created`.
 - /stats aggregates are kept without a hot row: an insert appends a delta, a background
   task folds the deltas into per-sender and total counts (one replica at a time), and a
   read adds the pending deltas to the folded counts in one snapshot (see the schema).
@@ -64,11 +65,6 @@ CONNECT_TIMEOUT_SECONDS = 5.0
 FOLD_INTERVAL_SECONDS = 1.0
 CLOSE_TIMEOUT_SECONDS = 10.0
 
-_INSERT = (
-    "INSERT INTO messages"
-    " (message_id, from_msisdn, to_msisdn, ts, text, ts_key, text_folded, created_at)"
-    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (message_id) DO NOTHING"
-)
 # Many rows in one statement (one transaction, one WAL flush); duplicates inside the batch
 # are fine: the first is inserted, the others meet it and do nothing.
 _INSERT_MANY = (
@@ -228,10 +224,9 @@ class PostgresStore:
             self._flushers.add(flusher)
             flusher.add_done_callback(self._flushers.discard)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self._write_timeout)
+            return await asyncio.wait_for(future, self._write_timeout)
         except TimeoutError:
             # The row may still commit later; the sender's retry is then a duplicate.
-            future.add_done_callback(_consume)
             raise StorageUnavailable("write timed out") from None
 
     async def _flush(self) -> None:
@@ -386,13 +381,6 @@ def _fail(batch: list[tuple[Row, asyncio.Future[bool]]], error: StorageUnavailab
     for _, future in batch:
         if not future.done():
             future.set_exception(error)
-
-
-def _consume(future: asyncio.Future[bool]) -> None:
-    # Nobody waits for this outcome any more; fetching it keeps asyncio from logging
-    # "exception was never retrieved".
-    if not future.cancelled():
-        future.exception()
 
 
 async def migrate(url: str, *, startup_timeout: float = 0.0) -> int:

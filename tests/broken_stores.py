@@ -16,8 +16,14 @@ import app.main
 from app.config import Settings
 from app.main import create_app
 from app.models import Message, Stats
-from app.postgres_store import _INSERT, PostgresStore
+from app.postgres_store import PostgresStore
 from app.storage import MessageStore, message_row, utc_now
+
+_INSERT = (
+    "INSERT INTO messages"
+    " (message_id, from_msisdn, to_msisdn, ts, text, ts_key, text_folded, created_at)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (message_id) DO NOTHING"
+)
 
 
 class ReadThenInsert(PostgresStore):
