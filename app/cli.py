@@ -70,20 +70,24 @@ def init_db() -> int:
         version = init_sqlite(database.target)
         print(f"schema version {version} applied to {database.target}")
         return 0
+    raw_timeout = os.environ.get("DATABASE_STARTUP_TIMEOUT_SECONDS", "30")
     try:
-        asyncio.run(migrate(database.target, startup_timeout=startup_timeout()))
+        startup_timeout = float(raw_timeout)
+    except ValueError:
+        startup_timeout = -1.0
+    if not 0 <= startup_timeout <= 600:
+        refuse_to_start(
+            "invalid configuration: DATABASE_STARTUP_TIMEOUT_SECONDS: must be a number of"
+            " seconds from 0 to 600"
+        )
+        return 2
+    try:
+        asyncio.run(migrate(database.target, startup_timeout=startup_timeout))
     except StorageUnavailable as exc:
         refuse_to_start(f"init-db: {exc}")
         return 1
     print(f"schema version {SCHEMA_VERSION} applied to {describe_postgres_url(database.target)}")
     return 0
-
-
-def startup_timeout() -> float:
-    try:
-        return float(os.environ.get("DATABASE_STARTUP_TIMEOUT_SECONDS", "30"))
-    except ValueError:
-        return 30.0
 
 
 def describe_postgres_url(url: str) -> str:

@@ -474,3 +474,22 @@ async def test_batches_sharing_ids_in_opposite_orders_do_not_deadlock(url: str) 
         await blocker.close()
         for replica in replicas:
             await replica.close()
+
+
+def test_init_db_refuses_a_bad_startup_timeout(postgres: PostgresCluster) -> None:
+    env = {
+        "DATABASE_URL": postgres.url(),
+        "DATABASE_STARTUP_TIMEOUT_SECONDS": "soon",
+        "PATH": "/usr/bin:/bin",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "init-db"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "DATABASE_STARTUP_TIMEOUT_SECONDS" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
