@@ -9,11 +9,13 @@ host, no answer in time).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 from app.client import BadURL, Client, ServiceUnreachable, build_message, format_ts, run_demo
 from app.logging_utils import refuse_to_start
@@ -154,7 +156,9 @@ def run_server(host: str, port: int) -> int:
 
 def init_db() -> int:
     from app.config import parse_database_url
-    from app.storage import init_sqlite
+    from app.migrations import SCHEMA_VERSION
+    from app.postgres_store import migrate
+    from app.storage import StorageUnavailable, init_sqlite
 
     url = os.environ.get("DATABASE_URL", "sqlite:///./data/app.db")
     try:
@@ -162,14 +166,34 @@ def init_db() -> int:
     except ValueError as exc:
         refuse_to_start(f"invalid configuration: DATABASE_URL: {exc}")
         return EXIT_USAGE
-    if database.scheme != "sqlite":
+    if database.scheme == "sqlite":
+        version = init_sqlite(database.target)
+        print(f"schema version {version} applied to {database.target}")
+        return EXIT_OK
+    raw_timeout = os.environ.get("DATABASE_STARTUP_TIMEOUT_SECONDS", "30")
+    try:
+        startup_timeout = float(raw_timeout)
+    except ValueError:
+        startup_timeout = -1.0
+    if not 0 <= startup_timeout <= 600:
         refuse_to_start(
-            "invalid configuration: DATABASE_URL: postgresql:// is not supported by this build"
+            "invalid configuration: DATABASE_STARTUP_TIMEOUT_SECONDS: must be a number of"
+            " seconds from 0 to 600"
         )
         return EXIT_USAGE
-    version = init_sqlite(database.target)
-    print(f"schema version {version} applied to {database.target}")
+    try:
+        asyncio.run(migrate(database.target, startup_timeout=startup_timeout))
+    except StorageUnavailable as exc:
+        refuse_to_start(f"init-db: {exc}")
+        return EXIT_UNEXPECTED
+    print(f"schema version {SCHEMA_VERSION} applied to {describe_postgres_url(database.target)}")
     return EXIT_OK
+
+
+def describe_postgres_url(url: str) -> str:
+    """host:port/database, without the user or password."""
+    parts = urlsplit(url)
+    return f"PostgreSQL at {parts.hostname}:{parts.port or 5432}{parts.path}"
 
 
 def print_signature(path: str | None, variable: str, *, hub: bool = False) -> int:

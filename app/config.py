@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     write_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
     # How long the SQLite writer waits on a lock held by another process.
     sqlite_busy_timeout_ms: int = Field(default=1000, ge=0, le=60_000)
+    # PostgreSQL only: connections per process, and how long start-up waits for the
+    # database to accept connections (compose may start the API first).
+    database_pool_size: int = Field(default=10, ge=1, le=500)
+    database_startup_timeout_seconds: float = Field(default=30.0, ge=0, le=600)
     retry_after_seconds: int = Field(default=1, ge=1, le=3600)
     docs_enabled: bool = True
     # How far a Standard Webhooks timestamp may be behind or ahead of our clock.

@@ -19,6 +19,7 @@ from app.config import ConfigError, Settings, load_settings
 from app.logging_utils import configure_logging, refuse_to_start
 from app.metrics import Metrics
 from app.middleware import ObservabilityMiddleware
+from app.postgres_store import PostgresStore
 from app.storage import MessageStore, SQLiteStore
 from app.webhook import WebhookEndpoint, openapi_operation
 
@@ -48,7 +49,12 @@ async def open_store(settings: Settings) -> MessageStore:
             busy_timeout_ms=settings.sqlite_busy_timeout_ms,
             write_timeout=settings.write_timeout_seconds,
         )
-    raise ConfigError("DATABASE_URL: postgresql:// is not supported by this build")
+    return await PostgresStore.open(
+        database.target,
+        pool_size=settings.database_pool_size,
+        write_timeout=settings.write_timeout_seconds,
+        startup_timeout=settings.database_startup_timeout_seconds,
+    )
 
 
 class ReceiverApp(FastAPI):

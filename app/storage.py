@@ -27,9 +27,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import resources
 from typing import Any, Protocol, TypeVar
 
+from app.migrations import SCHEMA_VERSION, apply_sqlite_schema
 from app.models import (
     ListQuery,
     Message,
@@ -45,7 +45,6 @@ logger = logging.getLogger("app.storage")
 T = TypeVar("T")
 Row = tuple[Any, ...]
 
-SCHEMA_VERSION = 1
 # Rows per transaction at most; a burst bigger than this is committed in several.
 MAX_BATCH = 512
 # Rows added to the search index per indexing transaction, and the most the index may
@@ -93,53 +92,6 @@ def message_row(message: Message) -> Row:
         instant_key(message.ts),
         None if text is None else text.casefold(),
     )
-
-
-def migrations(backend: str) -> list[tuple[int, str]]:
-    """(version, sql) for every migration file shipped for a backend, in order."""
-    folder = resources.files("app") / "schema" / backend
-    found = []
-    for entry in folder.iterdir():
-        name = entry.name
-        if name.endswith(".sql") and name[:4].isdigit():
-            found.append((int(name[:4]), entry.read_text(encoding="utf-8")))
-    return sorted(found)
-
-
-def split_statements(script: str) -> list[str]:
-    # executescript() would COMMIT first; statement by statement keeps one transaction.
-    statements, buffer = [], ""
-    for line in script.splitlines(keepends=True):
-        buffer += line
-        if sqlite3.complete_statement(buffer):
-            if buffer.strip():
-                statements.append(buffer.strip())
-            buffer = ""
-    if buffer.strip() and not all(
-        part.strip().startswith("--") or not part.strip() for part in buffer.splitlines()
-    ):
-        raise ValueError("schema script ends with an incomplete statement")
-    return statements
-
-
-def apply_sqlite_schema(conn: sqlite3.Connection) -> int:
-    """Bring the database to SCHEMA_VERSION, idempotently; returns the version before."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
-        before = int(row[0] or 0)
-        for version, script in migrations("sqlite"):
-            if version <= before:
-                continue
-            for statement in split_statements(script):
-                conn.execute(statement)
-            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    return before
 
 
 def connect_sqlite(

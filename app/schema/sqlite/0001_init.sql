@@ -1,4 +1,4 @@
--- Version 1 of the SQLite schema. Applied once, inside one transaction, by app.storage.
+-- Version 1 of the SQLite schema. Applied once, inside one transaction, by app.migrations.
 
 CREATE TABLE IF NOT EXISTS messages (
   message_id  TEXT PRIMARY KEY,
