@@ -21,7 +21,7 @@ from app.metrics import Metrics
 from app.middleware import ObservabilityMiddleware
 from app.postgres_store import PostgresStore
 from app.storage import MessageStore, SQLiteStore
-from app.webhook import WebhookEndpoint, openapi_operation
+from app.webhook import PATH, WebhookEndpoint, openapi_operation
 
 logger = logging.getLogger("app")
 
@@ -81,9 +81,10 @@ class ReceiverApp(FastAPI):
         await self.middleware_stack(scope, receive, send)
 
     def build_middleware_stack(self) -> ASGIApp:
-        stack = super().build_middleware_stack()
-        stack = WebhookEndpoint(stack, self.receiver_settings, self.metrics)
-        return ObservabilityMiddleware(stack, self.metrics)
+        webhook = WebhookEndpoint(self.receiver_settings, self.metrics)
+        return ObservabilityMiddleware(
+            super().build_middleware_stack(), self.metrics, direct={PATH: webhook}
+        )
 
     def openapi(self) -> dict[str, Any]:
         if self.openapi_schema is None:

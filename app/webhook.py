@@ -1,9 +1,9 @@
 """POST /webhook: size limit, signature, content type, validation, exactly-once insert.
 
-It is a plain ASGI middleware in front of FastAPI rather than a FastAPI route: this is the
-hot path a sender hammers, and FastAPI's routing and dependency machinery cost several
-times the work done here (see the Performance section of the README). Its OpenAPI entry
-is written out below, so /docs still describes it.
+It is answered in front of FastAPI rather than by a FastAPI route: this is the hot path a
+sender hammers, and FastAPI's routing and dependency machinery cost several times the
+work done here (see the Performance section of the README). Its OpenAPI entry is written
+out below, so /docs still describes it.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import logging
 import time
 from typing import Any
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope
 
 from app.config import Settings
 from app.metrics import Metrics
-from app.middleware import request_info
+from app.middleware import Reply, RequestInfo, request_info
 from app.models import InvalidMessage, Message, parse_message
 from app.signature import InvalidSignature, Verifier
 from app.storage import MessageStore, StorageUnavailable
@@ -70,10 +70,10 @@ async def read_body(receive: Receive, declared: bytes | None, limit: int) -> byt
 
 
 class WebhookEndpoint:
-    """Answers POST /webhook itself and hands every other request to `app`."""
+    """POST /webhook, as a direct handler: it returns the whole response and the
+    observability middleware sends it (see ObservabilityMiddleware)."""
 
-    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
-        self.app = app
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.limit = settings.max_body_bytes
         self.verifier = Verifier(
             settings.secrets(),
@@ -84,19 +84,9 @@ class WebhookEndpoint:
         self.retry_after = str(settings.retry_after_seconds).encode()
         self.metrics = metrics
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != PATH:
-            await self.app(scope, receive, send)
-            return
-        info = request_info(scope)
-        info.route = PATH
+    async def __call__(self, scope: Scope, receive: Receive) -> Reply:
         if scope["method"] != "POST":
-            await respond(send, 405, b'{"detail":"Method Not Allowed"}', [(b"allow", b"POST")])
-            return
-        status, body, headers = await self.handle(scope, receive)
-        await respond(send, status, body, headers)
-
-    async def handle(self, scope: Scope, receive: Receive) -> tuple[int, bytes, list[Any]]:
+            return 405, b'{"detail":"Method Not Allowed"}', [(b"allow", b"POST")]
         info = request_info(scope)
         headers = dict(scope["headers"])
         try:
@@ -145,24 +135,9 @@ class WebhookEndpoint:
         self.outcome(info, "created" if created else "duplicate")
         return 200, b'{"status":"ok"}', []
 
-    def outcome(self, info: Any, result: str) -> None:
+    def outcome(self, info: RequestInfo, result: str) -> None:
         info.result = result
         self.metrics.webhook(result)
-
-
-async def respond(send: Send, status: int, body: bytes, headers: list[Any]) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", JSON),
-                (b"content-length", str(len(body)).encode()),
-                *headers,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
 
 
 def openapi_operation() -> dict[str, Any]:
