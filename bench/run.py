@@ -11,6 +11,7 @@ run: absolute numbers on a shared 2-core machine vary, ratios much less.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -28,8 +29,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench.dataset import RARE_WORD, prefill_naive, prefill_service, write_signed_bodies
+from tests.postgres import PostgresCluster, why_unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -43,10 +46,19 @@ class Variant:
     argv: list[str]
     log: bool
     queries: bool  # serves GET /messages and /stats
+    env: dict[str, str] = field(default_factory=dict)
 
 
 VARIANTS = {
     "service": Variant("service", [PYTHON, "-m", "app", "serve"], log=True, queries=True),
+    # The same, without the per-request access line: what that line costs.
+    "quiet": Variant(
+        "quiet",
+        [PYTHON, "-m", "app", "serve"],
+        log=True,
+        queries=True,
+        env={"LOG_LEVEL": "WARNING"},
+    ),
     "naive": Variant("naive", [PYTHON, "-m", "uvicorn", "bench.naive:app"], log=True, queries=True),
     "floor": Variant(
         "floor",
@@ -102,13 +114,16 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(variant: Variant, workdir: Path, db: Path) -> Iterator[Server]:
+def serve(
+    variant: Variant, workdir: Path, db: Path, database_url: str | None = None
+) -> Iterator[Server]:
     port = free_port()
     env = {
         **os.environ,
         "WEBHOOK_SECRET": SECRET,
-        "DATABASE_URL": f"sqlite:///{db}",
+        "DATABASE_URL": database_url or f"sqlite:///{db}",
         "LOG_LEVEL": "INFO",
+        **variant.env,
     }
     log = workdir / f"{variant.name}-{port}.log"
     argv = [*variant.argv, "--host", "127.0.0.1", "--port", str(port)]
@@ -154,24 +169,22 @@ class Load:
     cpu_us: float | None = None
 
 
-def wrk(
+def start_wrk(
     url: str,
     *,
     connections: int,
     duration: float,
-    workdir: Path,
+    result: Path,
     bodies: Path | None = None,
-    server: Server | None = None,
-) -> Load:
-    threads = 1 if connections == 1 else 2
-    result = workdir / "wrk-result.json"
+    threads: int | None = None,
+) -> subprocess.Popen[bytes]:
+    threads = threads or (1 if connections == 1 else 2)
     result.unlink(missing_ok=True)
     script = BENCH / ("post.lua" if bodies else "get.lua")
     env = {**os.environ, "RESULT": str(result), "NTHREADS": str(threads)}
     if bodies:
         env["BODIES"] = str(bodies)
-    cpu_before = server.cpu_seconds() if server else 0.0
-    subprocess.run(
+    return subprocess.Popen(
         [
             "wrk",
             f"-t{threads}",
@@ -184,10 +197,34 @@ def wrk(
             url,
         ],
         env=env,
-        check=True,
-        capture_output=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
-    data = json.loads(result.read_text())
+
+
+def finish_wrk(process: subprocess.Popen[bytes], result: Path) -> dict[str, Any]:
+    _, errors = process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"wrk failed: {errors.decode(errors='replace')[-500:]}")
+    data: dict[str, Any] = json.loads(result.read_text())
+    return data
+
+
+def wrk(
+    url: str,
+    *,
+    connections: int,
+    duration: float,
+    workdir: Path,
+    bodies: Path | None = None,
+    server: Server | None = None,
+) -> Load:
+    result = workdir / "wrk-result.json"
+    cpu_before = server.cpu_seconds() if server else 0.0
+    process = start_wrk(
+        url, connections=connections, duration=duration, result=result, bodies=bodies
+    )
+    data = finish_wrk(process, result)
     cpu_us = None
     if server is not None and data["requests"]:
         cpu_us = (server.cpu_seconds() - cpu_before) / data["requests"] * 1e6
@@ -248,7 +285,7 @@ class Table:
 
 
 def run_ingest(args: argparse.Namespace, workdir: Path, table: Table) -> None:
-    names = [name for name in ("service", "naive", "floor") if name in args.variants]
+    names = [name for name in args.variants if name in VARIANTS]
     for pass_index in range(args.passes):
         order = names[pass_index % len(names) :] + names[: pass_index % len(names)]
         for name in order:
@@ -425,6 +462,102 @@ def run_million(args: argparse.Namespace, workdir: Path) -> list[str]:
     return lines
 
 
+def run_scaleout(args: argparse.Namespace, workdir: Path) -> list[str]:
+    """SQLite beside PostgreSQL with one and with two API processes, in one run.
+
+    The same 64 connections each time, from two wrk processes: both at the one server,
+    or one at each replica (as a load balancer would spread them).
+    """
+    reason = why_unavailable()
+    if reason:
+        return [f"scale-out: skipped ({reason})"]
+    cluster = PostgresCluster()
+    cluster.init()
+    cluster.start()
+    table = Table()
+    kinds = ["sqlite", "postgresql x1", "postgresql x2"]
+    try:
+        for pass_index in range(args.passes):
+            order = kinds[pass_index % 3 :] + kinds[: pass_index % 3]
+            for kind in order:
+                run_dir = workdir / f"scale-{pass_index}-{kind.replace(' ', '')}"
+                run_dir.mkdir()
+                db = run_dir / "app.db"
+                url = None if kind == "sqlite" else cluster.create_database("bench")
+                replicas = 2 if kind.endswith("x2") else 1
+                with contextlib.ExitStack() as stack:
+                    servers = [
+                        stack.enter_context(serve(VARIANTS["service"], run_dir, db, url))
+                        for _ in range(replicas)
+                    ]
+                    runs = []
+                    for index in range(2):
+                        bodies = run_dir / f"bodies-{index}.txt"
+                        write_signed_bodies(
+                            bodies,
+                            f"x{pass_index}{index}{kind[0]}{replicas}-",
+                            args.fresh_bodies // 2,
+                            SECRET.encode(),
+                        )
+                        result = run_dir / f"wrk-{index}.json"
+                        target = servers[index % replicas].url
+                        runs.append(
+                            (
+                                start_wrk(
+                                    target,
+                                    connections=32,
+                                    duration=args.duration,
+                                    result=result,
+                                    bodies=bodies,
+                                    threads=1,
+                                ),
+                                result,
+                            )
+                        )
+                    results = [finish_wrk(process, result) for process, result in runs]
+                acked = [mid for data in results for mid in data["acked"]]
+                stored = (
+                    stored_ids(db)
+                    if url is None
+                    else {
+                        row[0]
+                        for row in cluster.fetch(
+                            "SELECT message_id FROM messages", database=url.rsplit("/", 1)[1]
+                        )
+                    }
+                )
+                lost = [mid for mid in acked if mid not in stored]
+                if lost:
+                    raise SystemExit(f"{kind}: {len(lost)} acknowledged messages are not stored")
+                requests = sum(data["requests"] for data in results)
+                seconds = max(data["duration_us"] for data in results) / 1e6
+                table.add(
+                    "insert, 64 conn",
+                    kind,
+                    Load(
+                        rps=requests / seconds,
+                        p50_ms=max(data["p50_us"] for data in results) / 1000,
+                        p99_ms=max(data["p99_us"] for data in results) / 1000,
+                    ),
+                )
+            print(f"  pass {pass_index + 1}: scale-out done", file=sys.stderr)
+    finally:
+        cluster.destroy()
+    lines = [
+        f"{'fresh inserts, 64 connections':<34}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'vs SQLite':>11}"
+    ]
+    base = table.median("insert, 64 conn", "sqlite", "rps")
+    for kind in kinds:
+        rps = table.median("insert, 64 conn", kind, "rps")
+        lines.append(
+            f"{kind:<34}{fmt(rps):>10}{fmt(table.median('insert, 64 conn', kind, 'p50_ms'), 1):>9}"
+            f"{fmt(table.median('insert, 64 conn', kind, 'p99_ms'), 1):>9}"
+            f"{(rps / base if rps and base else 0):>10.2f}x"
+        )
+    return lines
+
+
 def first_cursor(url: str) -> str:
     with urllib.request.urlopen(url + "/messages?limit=50", timeout=30) as response:  # noqa: S310
         cursor: str = json.loads(response.read())["next_cursor"]
@@ -442,7 +575,7 @@ def report(table: Table, variants: list[str]) -> list[str]:
     header += f"{'svc p50 ms':>11}{'svc p99 ms':>11}{'svc srv ms':>11}"
     ratios = [
         (a, b)
-        for a, b in (("service", "naive"), ("service", "floor"))
+        for a, b in (("service", "naive"), ("service", "floor"), ("quiet", "floor"))
         if a in variants and b in variants
     ]
     header += "".join(f"{a[:3]}/{b:>6}".rjust(13) for a, b in ratios)
@@ -473,6 +606,11 @@ def main() -> int:
     parser.add_argument("--fresh-bodies", type=int, default=250_000)
     parser.add_argument("--million", action="store_true", help="also measure at 1M rows")
     parser.add_argument("--million-rows", type=int, default=1_000_000)
+    parser.add_argument(
+        "--scale-out",
+        action="store_true",
+        help="also SQLite beside PostgreSQL with 1 and 2 API processes",
+    )
     parser.add_argument("--variants", default="service,naive,floor")
     parser.add_argument("--skip", default="", help="comma list: ingest,queries")
     args = parser.parse_args()
@@ -496,6 +634,9 @@ def main() -> int:
         if args.million:
             output.append("")
             output += run_million(args, workdir)
+        if args.scale_out:
+            output.append("")
+            output += run_scaleout(args, workdir)
     print("\n".join(output))
     return 0
 
