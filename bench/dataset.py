@@ -10,8 +10,9 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from app.migrations import apply_sqlite_schema
 from app.models import instant_key
-from app.storage import apply_sqlite_schema, connect_sqlite, utc_now
+from app.storage import connect_sqlite, utc_now
 
 SENDERS = 10_000
 # One message in ten thousand carries it: a "selective" search term.
