@@ -47,11 +47,15 @@ Row = tuple[Any, ...]
 
 # Rows per transaction at most; a burst bigger than this is committed in several.
 MAX_BATCH = 512
-# Rows added to the search index per indexing transaction, and the most the index may
-# lag behind before indexing runs even while inserts are waiting.
-SEARCH_BATCH = 2000
+# Search indexing (see _SearchIndexer): it runs once the writer has been idle for
+# SEARCH_IDLE_SECONDS, SEARCH_CHUNK rows per transaction; only past SEARCH_BACKLOG_MAX
+# unindexed rows does it also run between groups. SEARCH_BATCH: index_search()'s step.
+SEARCH_IDLE_SECONDS = 0.05
+SEARCH_CHUNK = 500
 SEARCH_BACKLOG_MAX = 20_000
-SEARCH_IDLE_SECONDS = 0.5
+SEARCH_BATCH = 2000
+# Past this size, the checkpointer makes the WAL start over (see _Checkpointer).
+WAL_RESTART_BYTES = 64 * 1024 * 1024
 
 
 class StorageUnavailable(Exception):
@@ -308,9 +312,10 @@ class _Writer(threading.Thread):
             try:
                 jobs = [self.jobs.get(timeout=SEARCH_IDLE_SECONDS)]
             except queue.Empty:
-                # Quiet for a moment: catch the search index up.
+                # Quiet for a moment: catch the search index up, a chunk at a time, for
+                # as long as nothing waits (a chunk delays a new arrival by a few ms).
                 while self.search.automatic and self.search.backlog > 0 and self.jobs.empty():
-                    self.search.index_some()
+                    self.search.index_some(SEARCH_CHUNK)
                 continue
             while True:
                 try:
@@ -318,10 +323,12 @@ class _Writer(threading.Thread):
                 except queue.Empty:
                     break
             stop = False
+            rows = 0
             batch: list[_Insert] = []
             for job in jobs:
                 if isinstance(job, list):
                     batch.extend(job)
+                    rows += len(job)
                     continue
                 self._commit(batch)
                 batch = []
@@ -332,15 +339,10 @@ class _Writer(threading.Thread):
             self._commit(batch)
             if stop:
                 return
-            # Search indexing runs in large batches, in the writer's spare moments, and
-            # cannot fall far behind under a sustained load.
-            backlog = self.search.backlog
-            if (
-                self.search.automatic
-                and backlog >= SEARCH_BATCH
-                and (self.jobs.empty() or backlog > SEARCH_BACKLOG_MAX)
-            ):
-                self.search.index_some()
+            # Under a load that never pauses, indexing keeps pace in proportion, so the
+            # rows a search must scan unindexed stay bounded.
+            if self.search.automatic and self.search.backlog > SEARCH_BACKLOG_MAX:
+                self.search.index_some(2 * rows + 64)
 
     def _commit(self, batch: list[_Insert]) -> None:
         # A bounded transaction, however much is waiting.
@@ -491,6 +493,12 @@ class _Checkpointer(threading.Thread):
 
     The writer runs with wal_autocheckpoint=0, so no webhook ever pays for a checkpoint;
     this thread runs a PASSIVE one (it never blocks the writer) shortly after commits.
+
+    Under a load that never pauses, PASSIVE alone never lets the log start over (the
+    writer has always appended more by the time it finishes), and the WAL file would grow
+    without bound. So once it passes WAL_RESTART_BYTES, a RESTART follows the PASSIVE:
+    it holds new commits back only while it copies the frames appended since (a few ms),
+    and the next commit then rewinds the log, truncated to journal_size_limit.
     """
 
     def __init__(self, path: str, committed: threading.Event) -> None:
@@ -500,7 +508,8 @@ class _Checkpointer(threading.Thread):
         self.stopping = threading.Event()
 
     def run(self) -> None:
-        conn = connect_sqlite(self.path, busy_timeout_ms=0)
+        conn = connect_sqlite(self.path, busy_timeout_ms=200)
+        wal = self.path + "-wal"
         try:
             while not self.stopping.is_set():
                 if not self.committed.wait(timeout=0.5):
@@ -508,8 +517,13 @@ class _Checkpointer(threading.Thread):
                 self.committed.clear()
                 try:
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                except sqlite3.Error as exc:
-                    logger.warning("checkpoint failed", extra={"error": describe_sqlite_error(exc)})
+                    if os.path.getsize(wal) > WAL_RESTART_BYTES:
+                        conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+                except (sqlite3.Error, OSError) as exc:
+                    error = (
+                        describe_sqlite_error(exc) if isinstance(exc, sqlite3.Error) else str(exc)
+                    )
+                    logger.warning("checkpoint failed", extra={"error": error})
                 # Let commits accumulate between checkpoints: a page written many times
                 # is copied back once, and the database file is fsync'd once a second.
                 self.stopping.wait(timeout=1.0)
