@@ -46,6 +46,8 @@ Row = tuple[Any, ...]
 SCHEMA_VERSION = 1
 # Rows per transaction at most; a burst bigger than this is committed in several.
 MAX_BATCH = 512
+# After a failed write, readiness wants this much room in the database and on its disk.
+PROBE_ROOM_BYTES = 1024 * 1024
 
 
 class StorageUnavailable(Exception):
@@ -276,6 +278,7 @@ def _check_schema(conn: sqlite3.Connection) -> None:
 
 
 def _probe_write(conn: sqlite3.Connection) -> None:
+    _check_room(conn)
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.execute(
@@ -287,6 +290,27 @@ def _probe_write(conn: sqlite3.Connection) -> None:
     except BaseException:
         _rollback(conn)
         raise
+
+
+def _check_room(conn: sqlite3.Connection) -> None:
+    """Raise StorageUnavailable unless the database and its disk have PROBE_ROOM_BYTES free.
+
+    The probe row is tiny and fits where a failed batch left room (in the WAL, in a
+    half-full page), so on a full disk it can succeed while every real insert fails.
+    """
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    limit = conn.execute("PRAGMA max_page_count").fetchone()[0]
+    free_pages = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    if (limit - pages + free_pages) * page_size < PROBE_ROOM_BYTES:
+        raise StorageUnavailable("the database is at its max_page_count")
+    path = conn.execute("PRAGMA database_list").fetchone()[2]
+    if path:  # "" for :memory:
+        fs = os.statvfs(os.path.dirname(path))
+        # Root may also write into the blocks a filesystem reserves for it.
+        blocks = fs.f_bfree if os.geteuid() == 0 else fs.f_bavail
+        if blocks * fs.f_frsize < PROBE_ROOM_BYTES:
+            raise StorageUnavailable("the disk is full")
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

@@ -72,6 +72,12 @@ class Client:
             self.conn.close()
             self.conn = None
 
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
 
 def raw_exchange(base_url: str, data: bytes, timeout: float = 10) -> bytes:
     """Send raw bytes on a fresh connection; everything read until the server closes or waits."""

@@ -179,11 +179,10 @@ def run_campaign(
     again = sorted(ledger.unknown | ledger.refused)
     server = start_server(tmp_path, command=command, db_path=db_path, env=env)
     try:
-        client = Client(server.base_url)
-        for message_id in again:
-            body, signature = signed(message_id, text=f"load {message_id}")
-            assert client.post_webhook(body, signature).status == 200
-        client.close()
+        with Client(server.base_url) as client:
+            for message_id in again:
+                body, signature = signed(message_id, text=f"load {message_id}")
+                assert client.post_webhook(body, signature).status == 200
         server.stop()
     finally:
         if server.process.poll() is None:
