@@ -11,6 +11,7 @@ import uvicorn
 
 from app.config import ConfigError, load_settings, parse_database_url
 from app.logging_utils import refuse_to_start, uvicorn_log_config
+from app.server import guarded_protocol
 from app.signature import sign
 from app.storage import init_sqlite
 
@@ -48,6 +49,11 @@ def run_server(host: str, port: int) -> int:
         host=host,
         port=port,
         log_config=uvicorn_log_config(settings.log_level),
+        http=guarded_protocol(
+            max_head_bytes=settings.http_max_head_bytes,
+            head_timeout=settings.http_head_timeout_seconds,
+            body_timeout=settings.http_body_timeout_seconds,
+        ),
         server_header=False,
         timeout_keep_alive=5,
         timeout_graceful_shutdown=20,

@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     sqlite_busy_timeout_ms: int = Field(default=1000, ge=0, le=60_000)
     retry_after_seconds: int = Field(default=1, ge=1, le=3600)
     docs_enabled: bool = True
+    # Connection limits of `python -m app serve` (see app/server.py).
+    http_max_head_bytes: int = Field(default=65536, ge=4096, le=16 * 1024 * 1024)
+    http_head_timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
+    http_body_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
 
     @field_validator("webhook_secret")
     @classmethod

@@ -1,12 +1,15 @@
-"""Shared parts of the reliability battery: signed bodies and small HTTP clients."""
+"""Shared parts of the reliability battery: signed bodies, HTTP clients, senders under load."""
 
 from __future__ import annotations
 
 import contextlib
 import http.client
+import itertools
 import json
 import socket
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from app.signature import sign
@@ -79,8 +82,10 @@ class Client:
         self.close()
 
 
-def raw_exchange(base_url: str, data: bytes, timeout: float = 10) -> bytes:
-    """Send raw bytes on a fresh connection; everything read until the server closes or waits."""
+def raw_exchange(
+    base_url: str, data: bytes, timeout: float = 10, *, until_close: bool = False
+) -> bytes:
+    """Send raw bytes on a fresh connection; read one response, or all until the server closes."""
     with socket.create_connection(host_port(base_url), timeout=timeout) as sock:
         # The server may close as soon as it has seen enough: read its answer all the same.
         with contextlib.suppress(OSError):
@@ -92,7 +97,7 @@ def raw_exchange(base_url: str, data: bytes, timeout: float = 10) -> bytes:
                 if not chunk:
                     break
                 chunks.append(chunk)
-                if _complete_response(b"".join(chunks)):
+                if not until_close and _complete_response(b"".join(chunks)):
                     break
         except (TimeoutError, ConnectionResetError):
             pass
@@ -115,3 +120,78 @@ def status_of(raw: bytes) -> int | None:
     if not raw.startswith(b"HTTP/1."):
         return None
     return int(raw.split(b" ", 2)[1])
+
+
+SENDERS = 6
+
+
+@dataclass
+class Ledger:
+    """What the senders know: per id, acknowledged, refused, or unknown."""
+
+    acked: set[str] = field(default_factory=set)
+    # Sent, and the connection failed before an answer: stored or not, nobody knows.
+    unknown: set[str] = field(default_factory=set)
+    # Answered, but not with 200 (a 503 while the store was closing, say).
+    refused: set[str] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def note(self, message_id: str, status: int | None) -> None:
+        with self.lock:
+            if status == 200:
+                self.acked.add(message_id)
+            elif status is None:
+                self.unknown.add(message_id)
+            else:
+                self.refused.add(message_id)
+
+
+class Senders:
+    """Threads that deliver fresh signed messages to whichever server is up."""
+
+    def __init__(self, ledger: Ledger, prefix: str) -> None:
+        self.ledger = ledger
+        self.ids = (f"{prefix}-{n}" for n in itertools.count())
+        self.ids_lock = threading.Lock()
+        self.base_url = ""
+        self.up = threading.Event()
+        self.done = threading.Event()
+        self.threads = [threading.Thread(target=self.run, daemon=True) for _ in range(SENDERS)]
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self.done.set()
+        self.up.set()
+        for thread in self.threads:
+            thread.join(timeout=30)
+
+    def run(self) -> None:
+        client: Client | None = None
+        url = ""
+        while not self.done.is_set():
+            self.up.wait()
+            if self.done.is_set():
+                break
+            if client is None or url != self.base_url:
+                if client is not None:
+                    client.close()
+                url = self.base_url
+                client = Client(url, timeout=10)
+            with self.ids_lock:
+                message_id = next(self.ids)
+            body, signature = signed(message_id, text=f"load {message_id}")
+            try:
+                status: int | None = client.post_webhook(body, signature).status
+            except (OSError, ConnectionError) as exc:
+                # Refused before anything was sent: not an unknown outcome.
+                status = -1 if isinstance(exc, ConnectionRefusedError) else None
+                time.sleep(0.01)
+            except Exception:
+                status = None
+            if status != -1:
+                self.ledger.note(message_id, status)
+        if client is not None:
+            client.close()

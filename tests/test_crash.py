@@ -8,46 +8,21 @@ before it commits must lose messages: that proves the campaign can fail.
 
 from __future__ import annotations
 
-import itertools
 import random
 import signal
 import sqlite3
-import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.battery import Client, signed
+from tests.battery import Client, Ledger, Senders, signed
 from tests.server import BROKEN, SERVE, Server, start_server
 from tests.tiers import TIER, record
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
-
-SENDERS = 6
-
-
-@dataclass
-class Ledger:
-    """What the senders know: per id, acknowledged, refused, or unknown."""
-
-    acked: set[str] = field(default_factory=set)
-    # Sent, and the connection failed before an answer: stored or not, nobody knows.
-    unknown: set[str] = field(default_factory=set)
-    # Answered, but not with 200 (a 503 while the store was closing, say).
-    refused: set[str] = field(default_factory=set)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def note(self, message_id: str, status: int | None) -> None:
-        with self.lock:
-            if status == 200:
-                self.acked.add(message_id)
-            elif status is None:
-                self.unknown.add(message_id)
-            else:
-                self.refused.add(message_id)
 
 
 @dataclass
@@ -62,57 +37,6 @@ class Campaign:
     @property
     def lost(self) -> set[str]:
         return self.ledger.acked - self.stored
-
-
-class Senders:
-    """Threads that deliver fresh signed messages to whichever server is up."""
-
-    def __init__(self, ledger: Ledger, prefix: str) -> None:
-        self.ledger = ledger
-        self.ids = (f"{prefix}-{n}" for n in itertools.count())
-        self.ids_lock = threading.Lock()
-        self.base_url = ""
-        self.up = threading.Event()
-        self.done = threading.Event()
-        self.threads = [threading.Thread(target=self.run, daemon=True) for _ in range(SENDERS)]
-
-    def start(self) -> None:
-        for thread in self.threads:
-            thread.start()
-
-    def stop(self) -> None:
-        self.done.set()
-        self.up.set()
-        for thread in self.threads:
-            thread.join(timeout=30)
-
-    def run(self) -> None:
-        client: Client | None = None
-        url = ""
-        while not self.done.is_set():
-            self.up.wait()
-            if self.done.is_set():
-                break
-            if client is None or url != self.base_url:
-                if client is not None:
-                    client.close()
-                url = self.base_url
-                client = Client(url, timeout=10)
-            with self.ids_lock:
-                message_id = next(self.ids)
-            body, signature = signed(message_id, text=f"load {message_id}")
-            try:
-                status: int | None = client.post_webhook(body, signature).status
-            except (OSError, ConnectionError) as exc:
-                # Refused before anything was sent: not an unknown outcome.
-                status = -1 if isinstance(exc, ConnectionRefusedError) else None
-                time.sleep(0.01)
-            except Exception:
-                status = None
-            if status != -1:
-                self.ledger.note(message_id, status)
-        if client is not None:
-            client.close()
 
 
 def integrity_of(db_path: Path) -> str:
