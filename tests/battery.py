@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from app.signature import sign
@@ -195,3 +196,54 @@ class Senders:
                 self.ledger.note(message_id, status)
         if client is not None:
             client.close()
+
+
+def scrape(base_url: str, log_path: Path) -> dict[str, float]:
+    """/metrics as {'name{labels}': value}, scraped with a request id its access line shows.
+
+    Returns once that line is in the log, so the log holds every request the scrape counted.
+    """
+    with Client(base_url) as client:
+        reply = client.request("GET", "/metrics", headers={"X-Request-ID": SCRAPE_ID})
+    assert reply.status == 200
+    for _ in range(100):
+        if SCRAPE_ID in log_path.read_text(encoding="utf-8"):
+            break
+        time.sleep(0.05)
+    samples = {}
+    for line in reply.body.decode().splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+SCRAPE_ID = "metrics-scrape"
+
+
+def metrics_disagreements(samples: dict[str, float], log_lines: list[str], rows: int) -> list[str]:
+    """Where /metrics disagrees with the access lines logged before the scrape, or the rows."""
+    access = [json.loads(line) for line in log_lines]
+    access = [line for line in access if line.get("logger") == "app.access"]
+    access = access[: [line["request_id"] for line in access].index(SCRAPE_ID)]
+    found = []
+
+    def check(what: str, metric: float, expected: float) -> None:
+        if metric != expected:
+            found.append(f"{what}: metrics say {metric}, expected {expected}")
+
+    by_status: dict[str, float] = {}
+    for name, value in samples.items():
+        if name.startswith("http_requests_total{"):
+            status = name.split('status="', 1)[1].split('"', 1)[0]
+            by_status[status] = by_status.get(status, 0) + value
+    for status in {str(line["status"]) for line in access} | set(by_status):
+        logged = sum(1 for line in access if str(line["status"]) == status)
+        check(f"requests with status {status}", by_status.get(status, 0), logged)
+    check("latency observations", samples["request_latency_ms_count"], len(access))
+    for name, value in samples.items():
+        if name.startswith("webhook_requests_total{"):
+            result = name.split('result="', 1)[1].split('"', 1)[0]
+            check(f"webhook {result}", value, sum(1 for x in access if x.get("result") == result))
+    check("rows stored", samples['webhook_requests_total{result="created"}'], rows)
+    return found

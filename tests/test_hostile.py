@@ -7,6 +7,7 @@ For every input: never a 5xx, never the input echoed back, and the server still 
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from app.signature import sign
-from tests.battery import Client, raw_exchange, status_of
+from tests.battery import Client, metrics_disagreements, raw_exchange, scrape, status_of
 from tests.conftest import SECRET, message
 from tests.server import SERVE, Server, running_server
 from tests.tiers import record
@@ -196,14 +197,19 @@ def test_wrong_method_on_a_read_route_is_405_with_allow(server: Server) -> None:
 
 
 def test_pipelined_requests_are_all_answered(server: Server) -> None:
-    answer = raw_exchange(
-        server.base_url, get("/health/live") * 3 + get("/health/live", "Connection: close")
-    )
+    requests = get("/health/live") * 3 + get("/health/live", "Connection: close")
+    answer = raw_exchange(server.base_url, requests, until_close=True)
     assert answer.count(b"HTTP/1.1 200 OK") == 4
 
 
 def test_nothing_hostile_reached_the_logs_as_an_error(server: Server) -> None:
     assert_responsive(server)
+    samples = scrape(server.base_url, server.log_path)
+    assert server.db_path is not None
+    with sqlite3.connect(server.db_path) as conn:
+        rows = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+    conn.close()
+    assert metrics_disagreements(samples, server.log_lines(), rows) == []
     lines = [json.loads(line) for line in server.log_lines()]
     assert not [line for line in lines if line.get("status", 0) >= 500]
     assert not [line for line in lines if "traceback" in line or line["logger"] == "app.error"]
