@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | 
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: test lint run init-db clean
+.PHONY: test lint soak run init-db clean
 
 # A virtualenv from the pinned requirements, rebuilt when they change.
 $(STAMP): requirements.txt requirements-dev.txt
@@ -23,6 +23,11 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/pytest -q
+
+# The reliability battery's long tier (100+ SIGKILLs, 20,000 examples per property, 1,000
+# schemathesis examples per operation, ...); prints its figures at the end.
+soak: $(STAMP)
+	RELIABILITY_TIER=soak $(BIN)/pytest -q -m reliability
 
 # The service on SQLite at ./data/app.db, without Docker.
 run: $(STAMP)

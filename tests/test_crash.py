@@ -131,7 +131,8 @@ def test_no_acknowledged_message_is_lost_across_sigkills(tmp_path: Path) -> None
     record("crash: SIGKILLs survived", campaign.kills)
     record("crash: acknowledged deliveries", len(ledger.acked))
     record("crash: acknowledged but lost", len(campaign.lost))
-    record("crash: unknown outcomes redelivered", campaign.redelivered)
+    record("crash: deliveries cut off with no answer (redelivered)", len(ledger.unknown))
+    record("crash: deliveries answered 503 (redelivered)", len(ledger.refused))
 
 
 def test_a_build_that_acknowledges_before_commit_is_caught(tmp_path: Path) -> None:

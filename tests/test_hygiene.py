@@ -53,6 +53,17 @@ def test_forced_internal_errors_answer_a_generic_body(
     assert client.get("/metrics").text.count('http_requests_total{path="/stats",status="500"} 1.0')
 
 
+def test_a_message_id_with_unicode_line_breaks_stays_on_one_log_line(
+    make_client: AppClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = make_client()
+    capsys.readouterr()
+    sneaky = 'a\u2028{"level": "ERROR"}\x85b\u2029c\x1ed\ne'
+    assert client.post_signed(message(message_id=sneaky)).status_code == 200
+    (line,) = capsys.readouterr().out.splitlines()  # splitlines ends lines at all of them
+    assert json.loads(line)["message_id"] == sneaky
+
+
 @pytest.mark.slow
 def test_a_real_server_answers_internal_errors_generically_in_json_logs(tmp_path: Path) -> None:
     env = {"BROKEN_VARIANT": "internal_error"}
