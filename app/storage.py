@@ -503,6 +503,7 @@ class SQLiteStore:
         self._write_timeout = write_timeout
         self._identity = _file_identity(path)
         self._lock = threading.Lock()
+        self._probe: asyncio.Future[None] | None = None
 
     @classmethod
     async def open(
@@ -571,8 +572,13 @@ class SQLiteStore:
 
         await self._read(check)
         if not self._writer.healthy:
-            # The last commit failed: only a write proves that writes work again.
-            await self._write_call(_probe_write)
+            # The last commit failed: only a write proves that writes work again. One probe
+            # write at a time: concurrent checks share it instead of queueing in front of
+            # the inserts (each probe can wait out the busy timeout).
+            if self._probe is None or self._probe.done():
+                self._probe = asyncio.ensure_future(self._write_call(_probe_write))
+                self._probe.add_done_callback(_consume_outcome)
+            await asyncio.shield(self._probe)
             self._writer.healthy = True
 
     async def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
@@ -629,6 +635,13 @@ class SQLiteStore:
             raise StorageUnavailable("database call timed out") from None
         except sqlite3.Error as exc:
             raise StorageUnavailable(describe_sqlite_error(exc)) from None
+
+
+def _consume_outcome(future: asyncio.Future[Any]) -> None:
+    # A shared probe whose every waiter gave up still has its outcome read, so asyncio
+    # does not report "exception was never retrieved".
+    if not future.cancelled():
+        future.exception()
 
 
 def _file_identity(path: str) -> tuple[int, int] | None:

@@ -12,6 +12,7 @@ import errno
 import json
 import sqlite3
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -239,3 +240,38 @@ def test_database_at_its_page_limit_answers_503_and_is_not_ready(
     assert client.post_signed(message(message_id="after")).status_code == 200
     acked = {f"m{index}" for index, status in enumerate(statuses) if status == 200}
     assert {row[0] for row in client.rows()} == {"before", "after"} | acked
+
+
+@pytest.mark.slow
+def test_readiness_checks_during_a_lock_do_not_delay_the_webhooks_503(tmp_path: Path) -> None:
+    # Several probes (a load balancer, an orchestrator) ask at once while another process
+    # holds the lock: their probe writes must not queue up in front of the deliveries.
+    with running_server(tmp_path, command=SERVE) as server, Client(server.base_url) as client:
+        body, signature = signed("before")
+        assert client.post_webhook(body, signature).status == 200
+        blocker = sqlite3.connect(tmp_path / "app.db", isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            body, signature = signed("first")
+            assert_unavailable(client.post_webhook(body, signature))  # now known unhealthy
+            probes = [Client(server.base_url) for _ in range(6)]
+            threads = [
+                threading.Thread(target=probe.request, args=("GET", "/health/ready"))
+                for probe in probes
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            for probe in probes:
+                probe.close()
+            body, signature = signed("second")
+            assert_unavailable(client.post_webhook(body, signature))
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        server.stop()
+        reasons = write_refusals(server)
+    # Both refusals came from the busy timeout, not from the longer write timeout.
+    assert len(reasons) == 2
+    assert all("SQLITE_BUSY" in reason for reason in reasons), reasons
