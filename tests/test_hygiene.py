@@ -104,6 +104,7 @@ def test_no_secret_signature_text_or_phone_number_in_any_log_line(tmp_path: Path
         for query in [f"?from={PHONES[0]}&q={TEXT}", f"?from=%2B{PHONES[1][1:]}", f"?q={TEXT}"]:
             assert client.request("GET", "/messages" + query).status == 200
         assert client.request("GET", f"/nowhere?from={PHONES[0]}").status == 404
+        assert client.request("GET", f"/messages/{PHONES[0]}").status == 404
         # A locked database makes the service log why writes fail.
         blocker = sqlite3.connect(tmp_path / "app.db", isolation_level=None)
         blocker.execute("BEGIN IMMEDIATE")
