@@ -306,7 +306,10 @@ def _check_room(conn: sqlite3.Connection) -> None:
         raise StorageUnavailable("the database is at its max_page_count")
     path = conn.execute("PRAGMA database_list").fetchone()[2]
     if path:  # "" for :memory:
-        fs = os.statvfs(os.path.dirname(path))
+        try:
+            fs = os.statvfs(os.path.dirname(path))
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot read free space: {exc.strerror}") from None
         # Root may also write into the blocks a filesystem reserves for it.
         blocks = fs.f_bfree if os.geteuid() == 0 else fs.f_bavail
         if blocks * fs.f_frsize < PROBE_ROOM_BYTES:

@@ -186,16 +186,18 @@ class Senders:
             body, signature = signed(message_id, text=f"load {message_id}")
             try:
                 status: int | None = client.post_webhook(body, signature).status
-            except (OSError, ConnectionError) as exc:
-                # Refused before anything was sent: not an unknown outcome.
-                status = -1 if isinstance(exc, ConnectionRefusedError) else None
+            except ConnectionRefusedError:
                 time.sleep(0.01)
-            except Exception:
-                status = None
-            if status != -1:
-                self.ledger.note(message_id, status)
+                continue  # nothing was sent: this id is simply never used
+            except (OSError, http.client.HTTPException):
+                status = None  # sent, perhaps stored, never answered
+                time.sleep(0.01)
+            self.ledger.note(message_id, status)
         if client is not None:
             client.close()
+
+
+SCRAPE_ID = "metrics-scrape"
 
 
 def scrape(base_url: str, log_path: Path) -> dict[str, float]:
@@ -216,9 +218,6 @@ def scrape(base_url: str, log_path: Path) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             samples[name] = float(value)
     return samples
-
-
-SCRAPE_ID = "metrics-scrape"
 
 
 def metrics_disagreements(samples: dict[str, float], log_lines: list[str], rows: int) -> list[str]:
