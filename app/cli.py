@@ -1,24 +1,71 @@
-"""`python -m app ...`: serve, init-db, sign."""
+"""`python -m app ...`: serve, init-db, sign, send, demo.
+
+Exit codes: 0 done; 1 the service answered, but not as expected (`send`: a status other
+than 2xx; `demo`: any step); 2 a usage or configuration error (a bad flag or URL, no
+WEBHOOK_SECRET, an unreadable file); 3 the service could not be reached (refused, unknown
+host, no answer in time).
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
+import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
-import uvicorn
+from app.client import BadURL, Client, ServiceUnreachable, build_message, format_ts, run_demo
+from app.logging_utils import refuse_to_start
+from app.signature import sign, sign_standard_webhook
 
-from app.config import ConfigError, load_settings, parse_database_url
-from app.logging_utils import refuse_to_start, uvicorn_log_config
-from app.server import guarded_protocol
-from app.signature import sign
-from app.storage import init_sqlite
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m app", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return run_server(args.host, args.port)
+    if args.command == "init-db":
+        return init_db()
+    if args.command == "sign":
+        if args.standard_webhooks:
+            return print_standard_headers(args.file, args.id, args.timestamp)
+        if args.whatsapp:
+            return print_signature(args.file, "WHATSAPP_APP_SECRET", hub=True)
+        return print_signature(args.file, "WEBHOOK_SECRET")
+    try:
+        client = Client(args.url, timeout=args.timeout)
+    except BadURL as exc:
+        return fail(str(exc), EXIT_USAGE)
+    secret = os.environ.get("WEBHOOK_SECRET", "")
+    if not secret:
+        return fail(_MISSING_KEY_HELP, EXIT_USAGE)
+    try:
+        if args.command == "send":
+            return send(client, secret.encode(), args)
+        ok = run_demo(client, secret.encode(), sys.stdout)
+    except ServiceUnreachable as exc:
+        return fail(str(exc), EXIT_UNREACHABLE)
+    return EXIT_OK if ok else EXIT_UNEXPECTED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m app",
+        description="The webhook receiver: run it, or talk to a running one.",
+        epilog=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the HTTP server")
     serve.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
@@ -26,23 +73,73 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     commands.add_parser("init-db", help="create or upgrade the schema of DATABASE_URL")
 
-    sign_cmd = commands.add_parser("sign", help="print the X-Signature for a body")
-    sign_cmd.add_argument("file", nargs="?", help="the body (default: stdin)")
+    sign_cmd = commands.add_parser(
+        "sign", help="print the X-Signature of a body, keyed with WEBHOOK_SECRET"
+    )
+    sign_cmd.add_argument("file", nargs="?", help="the body (default or '-': stdin)")
+    scheme = sign_cmd.add_mutually_exclusive_group()
+    scheme.add_argument(
+        "--standard-webhooks",
+        action="store_true",
+        help="print the three Standard Webhooks headers instead (for curl -H @file)",
+    )
+    scheme.add_argument(
+        "--whatsapp",
+        action="store_true",
+        help="print the X-Hub-Signature-256 value Meta would send, keyed with WHATSAPP_APP_SECRET",
+    )
+    sign_cmd.add_argument("--id", help="the webhook-id (default: a random msg_ id)")
+    sign_cmd.add_argument("--timestamp", type=int, help="the webhook-timestamp (default: now)")
 
-    args = parser.parse_args(argv)
-    if args.command == "serve":
-        return run_server(args.host, args.port)
-    if args.command == "init-db":
-        return init_db()
-    return print_signature(args.file)
+    send_cmd = commands.add_parser(
+        "send", help="build, sign and POST one message; print the status and body"
+    )
+    send_cmd.add_argument("--message-id", help="default: a fresh cli-<random> id")
+    send_cmd.add_argument(
+        "--from", dest="sender", default="+919876543210", metavar="E164", help="%(default)s"
+    )
+    send_cmd.add_argument(
+        "--to", dest="recipient", default="+14155550100", metavar="E164", help="%(default)s"
+    )
+    send_cmd.add_argument("--ts", help="YYYY-MM-DDTHH:MM:SSZ (default: now)")
+    text = send_cmd.add_mutually_exclusive_group()
+    text.add_argument("--text", default="Hello", help="%(default)s")
+    text.add_argument("--no-text", action="store_true", help="send the message without text")
+
+    demo_cmd = commands.add_parser(
+        "demo", help="send a sample conversation and the failure cases; print /stats"
+    )
+    for sub in (send_cmd, demo_cmd):
+        sub.add_argument("--url", default=DEFAULT_URL, help=f"the service (default {DEFAULT_URL})")
+        sub.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
+    return parser
+
+
+_MISSING_KEY_HELP = (
+    "WEBHOOK_SECRET is not set: export the secret the service verifies with "
+    "(`make up` keeps a generated one in .env; `make demo` reads it from there)"
+)
+
+
+def fail(message: str, code: int) -> int:
+    print(f"python -m app: {message}", file=sys.stderr)
+    return code
 
 
 def run_server(host: str, port: int) -> int:
+    # The server's imports live here: sign, send and demo need only the standard library,
+    # so they also run on a bare python3 outside the virtualenv (`make demo`).
+    import uvicorn
+
+    from app.config import ConfigError, load_settings
+    from app.logging_utils import uvicorn_log_config
+    from app.server import guarded_protocol
+
     try:
         settings = load_settings()
     except ConfigError as exc:
         refuse_to_start(str(exc))
-        return 2
+        return EXIT_USAGE
     uvicorn.run(
         "app.main:create_app",
         factory=True,
@@ -55,41 +152,119 @@ def run_server(host: str, port: int) -> int:
             body_timeout=settings.http_body_timeout_seconds,
         ),
         server_header=False,
+        # Client addresses are never used or logged, so X-Forwarded-* need no parsing.
+        proxy_headers=False,
         timeout_keep_alive=5,
         timeout_graceful_shutdown=20,
     )
-    return 0
+    return EXIT_OK
 
 
 def init_db() -> int:
+    from app.config import parse_database_url
+    from app.migrations import SCHEMA_VERSION
+    from app.postgres_store import migrate
+    from app.storage import StorageUnavailable, init_sqlite
+
     url = os.environ.get("DATABASE_URL", "sqlite:///./data/app.db")
     try:
         database = parse_database_url(url)
     except ValueError as exc:
         refuse_to_start(f"invalid configuration: DATABASE_URL: {exc}")
-        return 2
-    if database.scheme != "sqlite":
+        return EXIT_USAGE
+    if database.scheme == "sqlite":
+        version = init_sqlite(database.target)
+        print(f"schema version {version} applied to {database.target}")
+        return EXIT_OK
+    raw_timeout = os.environ.get("DATABASE_STARTUP_TIMEOUT_SECONDS", "30")
+    try:
+        startup_timeout = float(raw_timeout)
+    except ValueError:
+        startup_timeout = -1.0
+    if not 0 <= startup_timeout <= 600:
         refuse_to_start(
-            "invalid configuration: DATABASE_URL: postgresql:// is not supported by this build"
+            "invalid configuration: DATABASE_STARTUP_TIMEOUT_SECONDS: must be a number of"
+            " seconds from 0 to 600"
         )
-        return 2
-    version = init_sqlite(database.target)
-    print(f"schema version {version} applied to {database.target}")
-    return 0
+        return EXIT_USAGE
+    try:
+        asyncio.run(migrate(database.target, startup_timeout=startup_timeout))
+    except StorageUnavailable as exc:
+        refuse_to_start(f"init-db: {exc}")
+        return EXIT_UNEXPECTED
+    print(f"schema version {SCHEMA_VERSION} applied to {describe_postgres_url(database.target)}")
+    return EXIT_OK
 
 
-def print_signature(path: str | None) -> int:
+def describe_postgres_url(url: str) -> str:
+    """host:port/database, without the user or password."""
+    parts = urlsplit(url)
+    return f"PostgreSQL at {parts.hostname}:{parts.port or 5432}{parts.path}"
+
+
+def print_signature(path: str | None, variable: str, *, hub: bool = False) -> int:
+    secret = os.environ.get(variable, "")
+    if not secret:
+        if variable == "WEBHOOK_SECRET":
+            return fail(_MISSING_KEY_HELP, EXIT_USAGE)
+        return fail(f"{variable} is not set: export the secret to sign with", EXIT_USAGE)
+    body = read_body(path)
+    if body is None:
+        return EXIT_USAGE
+    signature = sign(body, secret.encode())
+    print("sha256=" + signature if hub else signature)
+    return EXIT_OK
+
+
+def print_standard_headers(path: str | None, webhook_id: str | None, timestamp: int | None) -> int:
+    # Like the server's imports above: only this option needs the settings module.
+    from app.config import standard_webhook_key
+
     secret = os.environ.get("WEBHOOK_SECRET", "")
     if not secret:
+        return fail(_MISSING_KEY_HELP, EXIT_USAGE)
+    try:
+        key = standard_webhook_key(secret)
+    except ValueError as exc:
+        return fail(f"WEBHOOK_SECRET: {exc}", EXIT_USAGE)
+    body = read_body(path)
+    if body is None:
+        return EXIT_USAGE
+    webhook_id = webhook_id or "msg_" + os.urandom(12).hex()
+    timestamp = int(time.time()) if timestamp is None else timestamp
+    print(f"webhook-id: {webhook_id}")
+    print(f"webhook-timestamp: {timestamp}")
+    print(f"webhook-signature: {sign_standard_webhook(webhook_id, timestamp, body, key)}")
+    return EXIT_OK
+
+
+def read_body(path: str | None) -> bytes | None:
+    """The body to sign, from a file or stdin; None (and a message) if unreadable."""
+    if path in (None, "-"):
+        return sys.stdin.buffer.read()
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        fail(f"cannot read {path}: {exc.strerror or type(exc).__name__}", EXIT_USAGE)
+        return None
+
+
+def send(client: Client, secret: bytes, args: argparse.Namespace) -> int:
+    message_id = args.message_id or f"cli-{os.urandom(6).hex()}"
+    ts = args.ts or format_ts(datetime.now(UTC))
+    text = None if args.no_text else args.text
+    body = build_message(message_id, args.sender, args.recipient, ts, text)
+    print(f"message_id {message_id}", file=sys.stderr)
+    reply = client.post_webhook(body, sign(body, secret))
+    print(f"{reply.status} {reply.text}")
+    if reply.request_id:
+        # The service logs this id with the request: grep for it in `make logs`.
+        print(f"request_id {reply.request_id}", file=sys.stderr)
+    if reply.status == 401:
         print(
-            "WEBHOOK_SECRET is not set: export the secret the service verifies with",
+            "hint: the service did not accept the signature; is WEBHOOK_SECRET the one it "
+            "verifies with?",
             file=sys.stderr,
         )
-        return 2
-    if path in (None, "-"):
-        body = sys.stdin.buffer.read()
-    else:
-        with open(path, "rb") as file:
-            body = file.read()
-    print(sign(body, secret.encode()))
-    return 0
+    return EXIT_OK if 200 <= reply.status < 300 else EXIT_UNEXPECTED

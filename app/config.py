@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -10,6 +12,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+WHSEC_PREFIX = "whsec_"
 
 
 class ConfigError(Exception):
@@ -32,6 +35,29 @@ class DatabaseURL:
         # A PostgreSQL URL may carry a password; never print it.
         shown = self.target if self.scheme == "sqlite" else "postgresql://***"
         return f"DatabaseURL({self.scheme!r}, {shown!r})"
+
+
+def standard_webhook_key(secret: str) -> bytes:
+    """The HMAC key a Standard Webhooks sender derives from `secret`.
+
+    A `whsec_` secret is `whsec_` and the base64 of the key (padding optional); any other
+    secret is its own UTF-8 bytes, as for X-Signature.
+    """
+    if not secret.startswith(WHSEC_PREFIX):
+        return secret.encode()
+    encoded = secret.removeprefix(WHSEC_PREFIX)
+    error = ValueError("starts with whsec_, so the rest must be the base64 of the key")
+    unpadded = encoded.rstrip("=")
+    try:
+        key = base64.b64decode(unpadded + "=" * (-len(unpadded) % 4), validate=True)
+    except binascii.Error:
+        raise error from None
+    # Canonical only (padded or not): stray low bits in the last digit, or padding in
+    # the wrong amount, are copy-and-paste accidents.
+    canonical = base64.b64encode(key).decode("ascii")
+    if not key or encoded not in (canonical, canonical.rstrip("=")):
+        raise error
+    return key
 
 
 def parse_database_url(url: str) -> DatabaseURL:
@@ -66,25 +92,48 @@ class Settings(BaseSettings):
     write_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
     # How long the SQLite writer waits on a lock held by another process.
     sqlite_busy_timeout_ms: int = Field(default=1000, ge=0, le=60_000)
+    # PostgreSQL only: connections per process, and how long start-up waits for the
+    # database to accept connections (compose may start the API first).
+    database_pool_size: int = Field(default=10, ge=1, le=500)
+    database_startup_timeout_seconds: float = Field(default=30.0, ge=0, le=600)
     retry_after_seconds: int = Field(default=1, ge=1, le=3600)
     docs_enabled: bool = True
+    # How far a Standard Webhooks timestamp may be behind or ahead of our clock.
+    webhook_tolerance_past_seconds: int = Field(default=300, ge=1, le=86400)
+    webhook_tolerance_future_seconds: int = Field(default=300, ge=1, le=86400)
+    # POST /webhook/whatsapp and its handshake answer 404 until both are set.
+    whatsapp_app_secret: SecretStr | None = None
+    whatsapp_verify_token: SecretStr | None = None
+    # Meta documents webhook payloads of up to 3 MB.
+    whatsapp_max_body_bytes: int = Field(default=3 * 1024 * 1024, ge=1, le=16 * 1024 * 1024)
     # Connection limits of `python -m app serve` (see app/server.py).
     http_max_head_bytes: int = Field(default=65536, ge=4096, le=16 * 1024 * 1024)
     http_head_timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
     http_body_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
 
-    @field_validator("webhook_secret")
+    @field_validator(
+        "webhook_secret_previous", "whatsapp_app_secret", "whatsapp_verify_token", mode="before"
+    )
     @classmethod
-    def _secret_not_blank(cls, value: SecretStr) -> SecretStr:
-        if not value.get_secret_value().strip():
+    def _empty_is_unset(cls, value: object) -> object:
+        # Compose passes an unset variable as "", which means "not configured".
+        return None if value == "" else value
+
+    @field_validator(
+        "webhook_secret", "webhook_secret_previous", "whatsapp_app_secret", "whatsapp_verify_token"
+    )
+    @classmethod
+    def _secret_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
             raise ValueError("must be a non-empty string")
         return value
 
-    @field_validator("webhook_secret_previous", mode="before")
+    @field_validator("webhook_secret", "webhook_secret_previous")
     @classmethod
-    def _empty_previous_is_unset(cls, value: object) -> object:
-        # Compose passes an unset variable as "", which means "no previous secret".
-        return None if value == "" else value
+    def _whsec_is_base64(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            standard_webhook_key(value.get_secret_value())
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -107,6 +156,19 @@ class Settings(BaseSettings):
         if self.webhook_secret_previous is not None:
             keys.append(self.webhook_secret_previous.get_secret_value().encode())
         return tuple(keys)
+
+    def standard_webhook_keys(self) -> tuple[bytes, ...]:
+        """The same keys as Standard Webhooks senders use them, current first."""
+        secrets = [self.webhook_secret, self.webhook_secret_previous]
+        return tuple(
+            standard_webhook_key(secret.get_secret_value())
+            for secret in secrets
+            if secret is not None
+        )
+
+    @property
+    def whatsapp_enabled(self) -> bool:
+        return self.whatsapp_app_secret is not None and self.whatsapp_verify_token is not None
 
 
 def load_settings() -> Settings:

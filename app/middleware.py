@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,15 +43,26 @@ class RequestInfo:
     error: bool = False
 
 
+# A direct handler answers a request whole, as (status, JSON body, extra headers), and
+# the middleware sends it: no `send` to wrap, no framework in between. For the one hot
+# path, POST /webhook; everything else goes through the wrapped app.
+Header = tuple[bytes, bytes]
+Reply = tuple[int, bytes, list[Header]]
+DirectHandler = Callable[[Scope, Receive], Awaitable[Reply]]
+
+
 def request_info(scope: Scope) -> RequestInfo:
     info: RequestInfo = scope[_SCOPE_KEY]
     return info
 
 
 class ObservabilityMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: Metrics, direct: dict[str, DirectHandler] | None = None
+    ) -> None:
         self.app = app
         self.metrics = metrics
+        self.direct = direct or {}
         # Minted ids: a random per-instance prefix and a counter. Unique like a uuid4,
         # without reading the kernel's random pool on every request.
         self._id_prefix = os.urandom(8).hex()
@@ -81,7 +93,21 @@ class ObservabilityMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_headers)
+            handler = self.direct.get(scope["path"])
+            if handler is None:
+                await self.app(scope, receive, send_with_headers)
+            else:
+                info.route = scope["path"]
+                status, body, headers = await handler(scope, receive)
+                response_started = True
+                headers += (
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"x-request-id", encoded_id),
+                    *_EXTRA_HEADERS,
+                )
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
         except Exception as exc:
             # Logged with its frames but not its message, answered generically, and not
             # re-raised: the server would print it again, as plain text.

@@ -185,11 +185,15 @@ async def stats(store: StoreDep, settings: SettingsDep) -> Response:
     return json_response(result.model_dump_json(by_alias=True).encode())
 
 
+# HEAD too (`curl -I` and some load balancers probe with it), kept out of the schema so
+# each operation is described once.
+@router.head("/health/live", include_in_schema=False)
 @router.get("/health/live", summary="Liveness: the process serves requests")
 async def live() -> dict[str, str]:
     return {"status": "ok"}
 
 
+@router.head("/health/ready", include_in_schema=False)
 @router.get(
     "/health/ready",
     summary="Readiness: database, schema and secret are in place",

@@ -16,18 +16,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import queue
 import sqlite3
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import resources
 from typing import Any, Protocol, TypeVar
 
+from app.migrations import SCHEMA_VERSION, apply_sqlite_schema
 from app.models import (
     ListQuery,
     Message,
@@ -43,9 +45,13 @@ logger = logging.getLogger("app.storage")
 T = TypeVar("T")
 Row = tuple[Any, ...]
 
-SCHEMA_VERSION = 1
 # Rows per transaction at most; a burst bigger than this is committed in several.
 MAX_BATCH = 512
+# Rows added to the search index per indexing transaction, and the most the index may
+# lag behind before indexing runs even while inserts are waiting.
+SEARCH_BATCH = 2000
+SEARCH_BACKLOG_MAX = 20_000
+SEARCH_IDLE_SECONDS = 0.5
 # After a failed write, readiness wants this much room in the database and on its disk.
 PROBE_ROOM_BYTES = 1024 * 1024
 
@@ -90,53 +96,6 @@ def message_row(message: Message) -> Row:
     )
 
 
-def migrations(backend: str) -> list[tuple[int, str]]:
-    """(version, sql) for every migration file shipped for a backend, in order."""
-    folder = resources.files("app") / "schema" / backend
-    found = []
-    for entry in folder.iterdir():
-        name = entry.name
-        if name.endswith(".sql") and name[:4].isdigit():
-            found.append((int(name[:4]), entry.read_text(encoding="utf-8")))
-    return sorted(found)
-
-
-def split_statements(script: str) -> list[str]:
-    # executescript() would COMMIT first; statement by statement keeps one transaction.
-    statements, buffer = [], ""
-    for line in script.splitlines(keepends=True):
-        buffer += line
-        if sqlite3.complete_statement(buffer):
-            if buffer.strip():
-                statements.append(buffer.strip())
-            buffer = ""
-    if buffer.strip() and not all(
-        part.strip().startswith("--") or not part.strip() for part in buffer.splitlines()
-    ):
-        raise ValueError("schema script ends with an incomplete statement")
-    return statements
-
-
-def apply_sqlite_schema(conn: sqlite3.Connection) -> int:
-    """Bring the database to SCHEMA_VERSION, idempotently; returns the version before."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
-        before = int(row[0] or 0)
-        for version, script in migrations("sqlite"):
-            if version <= before:
-                continue
-            for statement in split_statements(script):
-                conn.execute(statement)
-            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    return before
-
-
 def connect_sqlite(
     path: str, *, busy_timeout_ms: int, readonly: bool = False
 ) -> sqlite3.Connection:
@@ -174,11 +133,22 @@ def ensure_parent(path: str) -> None:
         os.makedirs(parent, exist_ok=True)
 
 
-_INSERT = (
+# A whole group in one statement: the rows travel as one JSON array. Each SQLite call
+# from the writer thread has to take the GIL back from the event loop afterwards, so
+# one statement per group instead of one per row is what lets the writer keep up.
+_INSERT_GROUP = (
     "INSERT INTO messages"
     " (message_id, from_msisdn, to_msisdn, ts, text, ts_key, text_folded, created_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (message_id) DO NOTHING"
+    " SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'),"
+    " json_extract(value, '$[2]'), json_extract(value, '$[3]'), json_extract(value, '$[4]'),"
+    " json_extract(value, '$[5]'), json_extract(value, '$[6]'), ?2"
+    " FROM json_each(?1) ORDER BY key"
+    " ON CONFLICT (message_id) DO NOTHING"
 )
+# Which ids of the group were new, when some were not: the rows this statement created
+# are the last `changes()` rowids (one statement allocates them consecutively, and the
+# transaction holds the write lock), read back as one JSON array in one call.
+_CREATED_SINCE = "SELECT json_group_array(message_id) FROM messages WHERE rowid > ?"
 _COLUMNS = "message_id, from_msisdn, to_msisdn, ts, text, ts_key"
 
 
@@ -194,10 +164,15 @@ def _filters(query: ListQuery) -> tuple[list[str], list[Any]]:
     if query.q:
         folded = query.q.casefold()
         if len(folded) >= 3:
-            # The trigram index narrows the candidates; instr() below keeps the answer
-            # exactly "folded q is a substring of folded text".
+            # The trigram index narrows the candidates, plus the rows the index has not
+            # reached yet; instr() below keeps the answer exactly "folded q is a substring
+            # of folded text".
             phrase = '"' + folded.replace('"', '""') + '"'
-            clauses.append("rowid IN (SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?)")
+            clauses.append(
+                "rowid IN (SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?"
+                " UNION ALL SELECT rowid FROM messages WHERE rowid >"
+                " (SELECT indexed_through FROM search_progress WHERE id = 1))"
+            )
             params.append(phrase)
         clauses.append("instr(text_folded, ?) > 0")
         params.append(folded)
@@ -347,15 +322,24 @@ class _Writer(threading.Thread):
         super().__init__(name="sqlite-writer", daemon=True)
         self.conn = conn
         self.loop = loop
-        self.jobs: queue.SimpleQueue[_Insert | _Call | object] = queue.SimpleQueue()
+        self.search = _SearchIndexer(conn)
+        # Inserts arrive in lists: the event loop hands over everything that arrived in
+        # one turn at once (see SQLiteStore.insert).
+        self.jobs: queue.SimpleQueue[list[_Insert] | _Call | object] = queue.SimpleQueue()
         # False after a failed commit, True after a good one: readiness reads it.
         self.healthy = True
         self.committed = threading.Event()
 
     def run(self) -> None:
         while True:
-            jobs = [self.jobs.get()]
-            while len(jobs) < MAX_BATCH:
+            try:
+                jobs = [self.jobs.get(timeout=SEARCH_IDLE_SECONDS)]
+            except queue.Empty:
+                # Quiet for a moment: catch the search index up.
+                while self.search.automatic and self.search.backlog > 0 and self.jobs.empty():
+                    self.search.index_some()
+                continue
+            while True:
                 try:
                     jobs.append(self.jobs.get_nowait())
                 except queue.Empty:
@@ -363,8 +347,8 @@ class _Writer(threading.Thread):
             stop = False
             batch: list[_Insert] = []
             for job in jobs:
-                if isinstance(job, _Insert):
-                    batch.append(job)
+                if isinstance(job, list):
+                    batch.extend(job)
                     continue
                 self._commit(batch)
                 batch = []
@@ -375,8 +359,21 @@ class _Writer(threading.Thread):
             self._commit(batch)
             if stop:
                 return
+            # Search indexing runs in large batches, in the writer's spare moments, and
+            # cannot fall far behind under a sustained load.
+            backlog = self.search.backlog
+            if (
+                self.search.automatic
+                and backlog >= SEARCH_BATCH
+                and (self.jobs.empty() or backlog > SEARCH_BACKLOG_MAX)
+            ):
+                self.search.index_some()
 
     def _commit(self, batch: list[_Insert]) -> None:
+        # A bounded transaction, however much is waiting.
+        while len(batch) > MAX_BATCH:
+            self._commit(batch[:MAX_BATCH])
+            batch = batch[MAX_BATCH:]
         if not batch:
             return
         try:
@@ -408,14 +405,32 @@ class _Writer(threading.Thread):
 
     def _insert_all(self, batch: list[_Insert]) -> list[bool]:
         conn = self.conn
-        now = utc_now()
+        rows = json.dumps([job.row for job in batch], ensure_ascii=False)
         conn.execute("BEGIN IMMEDIATE")
         try:
-            created = [conn.execute(_INSERT, (*job.row, now)).rowcount == 1 for job in batch]
+            cursor = conn.execute(_INSERT_GROUP, (rows, utc_now()))
+            inserted, last_rowid = cursor.rowcount, cursor.lastrowid or 0
+            if inserted == len(batch):
+                new_ids = None  # all new: the common case costs no extra statement
+            elif inserted == 0:
+                new_ids = set()
+            else:
+                noted = conn.execute(_CREATED_SINCE, (last_rowid - inserted,)).fetchone()[0]
+                new_ids = set(json.loads(noted))
             conn.execute("COMMIT")
         except BaseException:
             _rollback(conn)
             raise
+        if inserted > 0:
+            self.search.last_rowid = last_rowid
+        if new_ids is None:
+            return [True] * len(batch)
+        # The first delivery of an id in the group is the one that created its row.
+        created = []
+        for job in batch:
+            message_id = job.row[0]
+            created.append(message_id in new_ids)
+            new_ids.discard(message_id)
         return created
 
     def _call(self, job: _Call) -> None:
@@ -431,6 +446,56 @@ class _Writer(threading.Thread):
         # RuntimeError: the loop is closed, so nobody is waiting any more.
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(_settle_all, settlements)
+
+
+class _SearchIndexer:
+    """Keeps messages_fts behind the inserts, in batches, on the writer's connection.
+
+    Indexing happens in its own transactions with synchronous=NORMAL (no fsync of its
+    own): the index is derived data, and the next message commit's fsync covers it. A
+    crash can only lose the index and its watermark together.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        # Whether the writer indexes by itself (tests turn it off to hold a state).
+        self.automatic = True
+        self.indexed_through = conn.execute(
+            "SELECT indexed_through FROM search_progress WHERE id = 1"
+        ).fetchone()[0]
+        self.last_rowid = conn.execute("SELECT coalesce(max(rowid), 0) FROM messages").fetchone()[0]
+
+    @property
+    def backlog(self) -> int:
+        return int(self.last_rowid - self.indexed_through)
+
+    def index_some(self, limit: int = SEARCH_BATCH) -> None:
+        if self.backlog <= 0:
+            return
+        conn = self.conn
+        try:
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("BEGIN IMMEDIATE")
+            upto = conn.execute(
+                "SELECT max(rowid) FROM (SELECT rowid FROM messages WHERE rowid > ?"
+                " ORDER BY rowid LIMIT ?)",
+                (self.indexed_through, limit),
+            ).fetchone()[0]
+            if upto is not None:
+                conn.execute(
+                    "INSERT INTO messages_fts (rowid, text_folded) SELECT rowid, text_folded"
+                    " FROM messages WHERE rowid > ? AND rowid <= ? AND text_folded IS NOT NULL",
+                    (self.indexed_through, upto),
+                )
+                conn.execute("UPDATE search_progress SET indexed_through = ? WHERE id = 1", (upto,))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            _rollback(conn)
+            logger.warning("search indexing failed", extra={"error": describe_sqlite_error(exc)})
+            return
+        finally:
+            conn.execute("PRAGMA synchronous = FULL")
+        self.indexed_through = upto if upto is not None else self.last_rowid
 
 
 def _settle_all(settlements: list[Settlement]) -> None:
@@ -472,8 +537,9 @@ class _Checkpointer(threading.Thread):
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                 except sqlite3.Error as exc:
                     logger.warning("checkpoint failed", extra={"error": describe_sqlite_error(exc)})
-                # Let commits accumulate between checkpoints.
-                self.stopping.wait(timeout=0.2)
+                # Let commits accumulate between checkpoints: a page written many times
+                # is copied back once, and the database file is fsync'd once a second.
+                self.stopping.wait(timeout=1.0)
         finally:
             conn.close()
 
@@ -505,6 +571,9 @@ class SQLiteStore:
         self._busy_timeout_ms = busy_timeout_ms
         self._write_timeout = write_timeout
         self._identity = _file_identity(path)
+        self._handover: list[_Insert] = []
+        self._deadlines: deque[tuple[float, asyncio.Future[bool]]] = deque()
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         self._lock = threading.Lock()
         self._probe: asyncio.Future[None] | None = None
 
@@ -524,6 +593,9 @@ class SQLiteStore:
             conn = connect_sqlite(path, busy_timeout_ms=busy_timeout_ms)
             try:
                 apply_sqlite_schema(conn)
+                # The indexes an insert touches stay cached: at a million rows they
+                # are tens of MB, and the default 2 MB cache re-reads them all the time.
+                conn.execute("PRAGMA cache_size = -32768")
                 if not memory:
                     conn.execute("PRAGMA wal_autocheckpoint = 0")
                     conn.execute("PRAGMA journal_size_limit = 67108864")
@@ -551,13 +623,37 @@ class SQLiteStore:
         )
 
     async def insert(self, message: Message) -> bool:
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._writer.jobs.put(_Insert(message_row(message), future))
-        try:
-            return await asyncio.wait_for(future, self._write_timeout)
-        except TimeoutError:
-            # The row may still commit later; the sender's retry is then a duplicate.
-            raise StorageUnavailable("write timed out") from None
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
+        # Rows are handed to the writer once per turn of the event loop, not one by one:
+        # each hand-over wakes a thread, and under load one turn serves many requests.
+        self._handover.append(_Insert(message_row(message), future))
+        if len(self._handover) == 1:
+            loop.call_soon(self._hand_over)
+        # No timer per request (asyncio.wait_for wraps the future in a task, call_later
+        # makes a timer handle): the sweeper fails whatever waited too long.
+        self._deadlines.append((loop.time() + self._write_timeout, future))
+        return await future
+
+    async def _sweep(self) -> None:
+        """Fail inserts that waited longer than write_timeout (a stuck disk, say).
+
+        The row may still commit later; the sender's retry is then a duplicate.
+        Deadlines are appended in order, so the oldest is always first.
+        """
+        loop = asyncio.get_running_loop()
+        deadlines = self._deadlines
+        while True:
+            await asyncio.sleep(0.25)
+            now = loop.time()
+            while deadlines and (deadlines[0][1].done() or deadlines[0][0] <= now):
+                _, future = deadlines.popleft()
+                if not future.done():
+                    future.set_exception(StorageUnavailable("write timed out"))
+
+    def _hand_over(self) -> None:
+        rows, self._handover = self._handover, []
+        self._writer.jobs.put(rows)
 
     async def list_messages(self, query: ListQuery) -> MessagePage:
         return await self._read(lambda conn: _list(conn, query))
@@ -594,7 +690,25 @@ class SQLiteStore:
 
         return await self._read(run)
 
+    async def index_search(self, limit: int | None = None) -> None:
+        """Bring the search index up to date now (or by `limit` rows at most).
+
+        The writer does this by itself in its quiet moments; this is for tests and for
+        an operator who wants it done before a query.
+        """
+        indexer = self._writer.search
+
+        def run(conn: sqlite3.Connection) -> None:
+            remaining = indexer.backlog if limit is None else limit
+            while remaining > 0 and indexer.backlog > 0:
+                step = min(remaining, SEARCH_BATCH)
+                indexer.index_some(step)
+                remaining -= step
+
+        await self._write_call(run)
+
     async def close(self) -> None:
+        self._sweeper.cancel()
         if self._checkpointer is not None:
             await asyncio.to_thread(self._checkpointer.stop)
         if self._readers is not None:

@@ -1,23 +1,24 @@
 """POST /webhook: size limit, signature, content type, validation, exactly-once insert.
 
-It is a plain ASGI middleware in front of FastAPI rather than a FastAPI route: this is the
-hot path a sender hammers, and FastAPI's routing and dependency machinery cost several
-times the work done here (see the Performance section of the README). Its OpenAPI entry
-is written out below, so /docs still describes it.
+It is answered in front of FastAPI rather than by a FastAPI route: this is the hot path a
+sender hammers, and FastAPI's routing and dependency machinery cost several times the
+work done here (see the Performance section of the README). Its OpenAPI entry is written
+out below, so /docs still describes it.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope
 
 from app.config import Settings
 from app.metrics import Metrics
-from app.middleware import request_info
+from app.middleware import Reply, RequestInfo, request_info
 from app.models import InvalidMessage, Message, parse_message
-from app.signature import InvalidSignature, verify_signature
+from app.signature import InvalidSignature, Verifier
 from app.storage import MessageStore, StorageUnavailable
 
 logger = logging.getLogger("app.webhook")
@@ -69,28 +70,23 @@ async def read_body(receive: Receive, declared: bytes | None, limit: int) -> byt
 
 
 class WebhookEndpoint:
-    """Answers POST /webhook itself and hands every other request to `app`."""
+    """POST /webhook, as a direct handler: it returns the whole response and the
+    observability middleware sends it (see ObservabilityMiddleware)."""
 
-    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
-        self.app = app
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.limit = settings.max_body_bytes
-        self.secrets = settings.secrets()
+        self.verifier = Verifier(
+            settings.secrets(),
+            settings.standard_webhook_keys(),
+            settings.webhook_tolerance_past_seconds,
+            settings.webhook_tolerance_future_seconds,
+        )
         self.retry_after = str(settings.retry_after_seconds).encode()
         self.metrics = metrics
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != PATH:
-            await self.app(scope, receive, send)
-            return
-        info = request_info(scope)
-        info.route = PATH
+    async def __call__(self, scope: Scope, receive: Receive) -> Reply:
         if scope["method"] != "POST":
-            await respond(send, 405, b'{"detail":"Method Not Allowed"}', [(b"allow", b"POST")])
-            return
-        status, body, headers = await self.handle(scope, receive)
-        await respond(send, status, body, headers)
-
-    async def handle(self, scope: Scope, receive: Receive) -> tuple[int, bytes, list[Any]]:
+            return 405, b'{"detail":"Method Not Allowed"}', [(b"allow", b"POST")]
         info = request_info(scope)
         headers = dict(scope["headers"])
         try:
@@ -103,11 +99,8 @@ class WebhookEndpoint:
             self.outcome(info, "client_disconnected")
             return 400, b'{"detail":"client disconnected"}', []
 
-        signature = headers.get(b"x-signature")
         try:
-            key_index = verify_signature(
-                raw, None if signature is None else signature.decode("latin-1"), self.secrets
-            )
+            key_index = self.verifier.verify(raw, scope["headers"], time.time())
         except InvalidSignature:
             info.error = True
             self.outcome(info, "invalid_signature")
@@ -142,24 +135,9 @@ class WebhookEndpoint:
         self.outcome(info, "created" if created else "duplicate")
         return 200, b'{"status":"ok"}', []
 
-    def outcome(self, info: Any, result: str) -> None:
+    def outcome(self, info: RequestInfo, result: str) -> None:
         info.result = result
         self.metrics.webhook(result)
-
-
-async def respond(send: Send, status: int, body: bytes, headers: list[Any]) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", JSON),
-                (b"content-length", str(len(body)).encode()),
-                *headers,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
 
 
 def openapi_operation() -> dict[str, Any]:
@@ -169,14 +147,45 @@ def openapi_operation() -> dict[str, Any]:
         "post": {
             "summary": "Receive one signed message",
             "operationId": "webhook",
+            "description": (
+                "Signed either with X-Signature, or with the three Standard Webhooks headers"
+                " (any webhook-* header selects that scheme, and then all three are required)."
+            ),
             "parameters": [
                 {
                     "name": "X-Signature",
                     "in": "header",
-                    "required": True,
-                    "description": "Hex HMAC-SHA256 of the raw body, keyed with WEBHOOK_SECRET.",
-                    "schema": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"},
-                }
+                    "required": False,
+                    "description": (
+                        "Hex HMAC-SHA256 of the raw body, keyed with WEBHOOK_SECRET"
+                        " (or WEBHOOK_SECRET_PREVIOUS), optionally prefixed sha256=."
+                    ),
+                    "schema": {"type": "string", "pattern": "^(sha256=)?[0-9a-fA-F]{64}$"},
+                },
+                {
+                    "name": "webhook-id",
+                    "in": "header",
+                    "required": False,
+                    "description": "Standard Webhooks: the delivery id (no dots).",
+                    "schema": {"type": "string", "pattern": "^[\\x21-\\x2d\\x2f-\\x7e]{1,256}$"},
+                },
+                {
+                    "name": "webhook-timestamp",
+                    "in": "header",
+                    "required": False,
+                    "description": "Standard Webhooks: Unix seconds, within the tolerance window.",
+                    "schema": {"type": "string", "pattern": "^(0|[1-9][0-9]{0,11})$"},
+                },
+                {
+                    "name": "webhook-signature",
+                    "in": "header",
+                    "required": False,
+                    "description": (
+                        "Standard Webhooks: space-separated `v1,<base64 HMAC-SHA256 of"
+                        " id.timestamp.body>` entries; other versions are skipped."
+                    ),
+                    "schema": {"type": "string"},
+                },
             ],
             "requestBody": {
                 "required": True,

@@ -97,14 +97,9 @@ def create_app() -> Any:
     path = os.environ.get("DATABASE_URL", "sqlite:///./floor.db").removeprefix("sqlite:///")
     state: dict[str, Writer] = {}
 
-    async def reply(send: Any, status: int, body: bytes) -> None:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [(b"content-type", b"application/json")],
-            }
-        )
+    async def reply(send: Any, status: int, body: bytes, request_id: bytes = b"") -> None:
+        headers = [(b"content-type", b"application/json"), (b"x-request-id", request_id)]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -144,6 +139,7 @@ def create_app() -> Any:
         row = (data["message_id"], data["from"], data["to"], data["ts"], data.get("text"))
         state["writer"].jobs.put((row, fut))
         await fut
-        await reply(send, 200, b'{"status":"ok"}')
+        # X-Request-ID is echoed so the benchmark can tell which deliveries were acknowledged.
+        await reply(send, 200, b'{"status":"ok"}', headers.get(b"x-request-id", b""))
 
     return app

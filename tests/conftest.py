@@ -14,8 +14,10 @@ from pydantic import SecretStr
 
 from app.config import Settings
 from app.main import create_app
+from app.postgres_store import PostgresStore
 from app.signature import sign
 from app.storage import Row, SQLiteStore
+from tests.postgres import PostgresCluster, why_unavailable
 from tests.tiers import FIGURES, TIER
 
 SECRET = "testsecret"
@@ -67,8 +69,14 @@ class Client(TestClient):
         return self.post("/webhook", content=raw, headers=sent)
 
     @property
-    def store(self) -> SQLiteStore:
-        store: SQLiteStore = self.app_state["store"]
+    def store(self) -> SQLiteStore | PostgresStore:
+        store: SQLiteStore | PostgresStore = self.app_state["store"]
+        return store
+
+    @property
+    def sqlite_store(self) -> SQLiteStore:
+        store = self.store
+        assert isinstance(store, SQLiteStore)
         return store
 
     def rows(self, sql: str = "SELECT message_id FROM messages ORDER BY message_id") -> list[Row]:
@@ -105,10 +113,34 @@ def make_client() -> Iterator[AppClient]:
         client.__exit__(None, None, None)
 
 
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """A PostgreSQL cluster of our own for the whole session, removed after it."""
+    reason = why_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    cluster = PostgresCluster()
+    try:
+        cluster.init()
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest) -> str:
+    """Each backend in turn: SQLite in memory, and an emptied PostgreSQL database."""
+    if request.param == "sqlite":
+        return "sqlite:///:memory:"
+    cluster: PostgresCluster = request.getfixturevalue("postgres")
+    return cluster.clean_database()
+
+
 @pytest.fixture
-def client(make_client: AppClient) -> Client:
-    """The app on a :memory: SQLite database (as the brief asks): fast and isolated."""
-    return make_client()
+def client(make_client: AppClient, database_url: str) -> Client:
+    """The app on a fresh database of each backend (SQLite :memory:, as the brief asks)."""
+    return make_client(database_url=database_url)
 
 
 @pytest.fixture

@@ -39,6 +39,7 @@ UVICORN = ("uvicorn", "--factory", "app.main:create_app", "--port")
         ({"WEBHOOK_SECRET": "s3cr3t-value", "DATABASE_URL": "mysql://x/y"}, "DATABASE_URL"),
         ({"WEBHOOK_SECRET": "s3cr3t-value", "LOG_LEVEL": "chatty"}, "LOG_LEVEL"),
         ({"WEBHOOK_SECRET": "s3cr3t-value", "MAX_BODY_BYTES": "lots"}, "MAX_BODY_BYTES"),
+        ({"WEBHOOK_SECRET": "s3cr3t-value", "DATABASE_POOL_SIZE": "0"}, "DATABASE_POOL_SIZE"),
     ],
 )
 def test_bad_configuration_refuses_to_start_with_one_line(

@@ -30,7 +30,7 @@ def test_forced_internal_errors_answer_a_generic_body(
     make_client: AppClient, capsys: pytest.CaptureFixture[str]
 ) -> None:
     client = make_client()
-    client.app_state["store"] = InternalErrorStore(client.store)
+    client.app_state["store"] = InternalErrorStore(client.sqlite_store)
     capsys.readouterr()
     answers = [
         client.post_signed(message(text=TEXT)),
@@ -162,6 +162,7 @@ def test_the_served_process_sends_no_server_header(tmp_path: Path) -> None:
 
 def test_docs_can_be_turned_off(make_client: AppClient, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WEBHOOK_SECRET", SECRET)
+    monkeypatch.setenv("DATABASE_URL", "sqlite:///:memory:")
     monkeypatch.setenv("DOCS_ENABLED", "false")
     client = make_client(load_settings())
     for path in ["/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"]:

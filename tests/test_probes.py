@@ -73,7 +73,7 @@ def test_read_only_database_answers_503(make_client: AppClient, db_path: Path) -
     assert client.post_signed(message(message_id="before")).status_code == 200
     # A read-only file cannot be simulated by chmod when the tests run as root;
     # query_only gives the writer connection the same refusal (SQLITE_READONLY).
-    writer = client.store._writer.conn
+    writer = client.sqlite_store._writer.conn
     writer.execute("PRAGMA query_only = ON")
     try:
         response = client.post_signed(message(message_id="during"))
@@ -85,3 +85,10 @@ def test_read_only_database_answers_503(make_client: AppClient, db_path: Path) -
     assert client.get("/health/ready").status_code == 200
     assert client.post_signed(message(message_id="after")).status_code == 200
     assert client.rows() == [("after",), ("before",)]
+
+
+def test_probes_answer_head(file_client: Client) -> None:
+    assert file_client.head("/health/live").status_code == 200
+    ready = file_client.head("/health/ready")
+    assert ready.status_code == 200
+    assert ready.content == b""

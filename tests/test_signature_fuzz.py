@@ -16,7 +16,14 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from app import signature as signature_module
-from app.signature import InvalidSignature, sign, verify_signature
+from app.signature import (
+    InvalidSignature,
+    sign,
+    sign_standard_webhook,
+    verify_hub_signature,
+    verify_signature,
+    verify_standard_webhook,
+)
 from tests.tiers import TIER, record
 
 pytestmark = pytest.mark.reliability
@@ -32,6 +39,8 @@ HEADERS = st.one_of(
     st.text(HEX, min_size=62, max_size=66),
     st.text(HEX + " \t\n\x00g", min_size=64, max_size=64),
     st.text(st.characters(codec="latin-1"), min_size=64, max_size=64),
+    st.builds(lambda h: "sha256=" + h, st.text(HEX, min_size=63, max_size=65)),
+    st.binary(max_size=80),
 )
 
 
@@ -41,8 +50,9 @@ HEADERS = st.one_of(
 @example(b"x", "\ud800" * 64, [b"k"])
 @example(b"x", " " + "0" * 63, [b"k"])
 @example(b"x", "0" * 64 + "\n", [b"k"])
+@example(b"x", b"\xff" * 64, [b"k"])
 def test_any_header_verifies_or_raises_invalid_signature(
-    body: bytes, header: str | None, keys: list[bytes]
+    body: bytes, header: str | bytes | None, keys: list[bytes]
 ) -> None:
     try:
         index = verify_signature(body, header, keys)
@@ -50,7 +60,60 @@ def test_any_header_verifies_or_raises_invalid_signature(
         return
     # Accepted only when it is exactly the hex HMAC of the body under that key.
     assert header is not None
-    assert header.lower() == sign(body, keys[index])
+    text = header.decode("ascii") if isinstance(header, bytes) else header
+    assert text.lower().removeprefix("sha256=") == sign(body, keys[index])
+
+
+STANDARD_IDS = st.one_of(st.text(max_size=20), st.just("msg_1"), st.binary(max_size=20))
+STANDARD_SIGNATURES = st.one_of(
+    st.text(max_size=120),
+    st.builds(
+        lambda parts: " ".join(parts),
+        st.lists(
+            st.builds(
+                lambda version, value: f"{version},{value}",
+                st.sampled_from(["v1", "v1a", "v2", "V1", ""]),
+                st.text("ABCDEFabcdef0123456789+/=", min_size=40, max_size=46),
+            ),
+            max_size=3,
+        ),
+    ),
+)
+
+
+@PROPERTY
+@given(
+    st.binary(max_size=256),
+    STANDARD_IDS,
+    st.one_of(st.integers(-10, 10**13).map(str), st.text(max_size=14)),
+    STANDARD_SIGNATURES,
+    KEYS,
+)
+def test_standard_webhooks_headers_verify_or_raise_invalid_signature(
+    body: bytes, webhook_id: str | bytes, timestamp: str, signature: str, keys: list[bytes]
+) -> None:
+    now = 1_700_000_000.0
+    try:
+        index = verify_standard_webhook(body, webhook_id, timestamp, signature, keys, now=now)
+    except InvalidSignature:
+        return
+    assert isinstance(webhook_id, str)
+    assert sign_standard_webhook(webhook_id, int(timestamp), body, keys[index]) in signature
+
+
+@PROPERTY
+@given(st.binary(max_size=256), HEADERS, KEYS)
+def test_hub_signature_headers_verify_or_raise_invalid_signature(
+    body: bytes, header: str | bytes | None, keys: list[bytes]
+) -> None:
+    try:
+        index = verify_hub_signature(body, header, keys)
+    except InvalidSignature:
+        return
+    assert header is not None
+    text = header.decode("ascii") if isinstance(header, bytes) else header
+    assert text.startswith("sha256=")
+    assert text.removeprefix("sha256=").lower() == sign(body, keys[index])
 
 
 @PROPERTY
@@ -113,17 +176,41 @@ def test_every_key_is_compared_with_compare_digest_on_bytes(
         assert len(expected) == len(given_digest) == hashlib.sha256().digest_size
 
 
-def test_the_verifier_never_compares_with_equality_operators() -> None:
-    # A digest compared with == or != would leak how many leading bytes were right.
+def test_no_computed_digest_is_compared_with_equality_operators() -> None:
+    # A digest compared with == or != would leak how many leading bytes were right: in
+    # every function, a name bound to a computed MAC may only reach hmac.compare_digest.
     tree = ast.parse(inspect.getsource(signature_module))
-    operators = [
-        type(op).__name__
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Compare)
-        for op in node.ops
-    ]
-    assert "Eq" not in operators
-    assert "NotEq" not in operators
+    found_macs = 0
+    for function in ast.walk(tree):
+        if not isinstance(function, ast.FunctionDef):
+            continue
+        macs = {
+            target.id
+            for node in ast.walk(function)
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
+            for target in node.targets
+            if isinstance(target, ast.Name) and _computes_mac(node.value)
+        }
+        compared = {
+            name.id
+            for node in ast.walk(function)
+            if isinstance(node, ast.Compare)
+            and any(isinstance(op, ast.Eq | ast.NotEq) for op in node.ops)
+            for name in ast.walk(node)
+            if isinstance(name, ast.Name)
+        }
+        assert not macs & compared, function.name
+        found_macs += len(macs)
+    assert found_macs  # the walk did find the verifiers' expected digests
+
+
+def _computes_mac(call: ast.Call) -> bool:
+    name = call.func.attr if isinstance(call.func, ast.Attribute) else getattr(call.func, "id", "")
+    return name in {"digest", "hexdigest", "_standard_digest"} or (
+        isinstance(call.func, ast.Attribute)
+        and isinstance(call.func.value, ast.Call)
+        and _computes_mac(call.func.value)
+    )
 
 
 def test_mismatch_position_does_not_change_the_time_taken() -> None:

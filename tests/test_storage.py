@@ -1,4 +1,4 @@
-"""The store contract, run against every backend (SQLite in memory and on a file here)."""
+"""The store contract, run against every backend: SQLite in memory and on a file, PostgreSQL."""
 
 from __future__ import annotations
 
@@ -10,8 +10,13 @@ from typing import Any
 
 import pytest
 
+from app.migrations import apply_sqlite_schema, split_statements
 from app.models import ListQuery, Message, instant_key
-from app.storage import SQLiteStore, apply_sqlite_schema, init_sqlite, split_statements
+from app.postgres_store import PostgresStore
+from app.storage import SQLiteStore, init_sqlite
+from tests.postgres import PostgresCluster
+
+AnyStore = SQLiteStore | PostgresStore
 
 pytestmark = pytest.mark.anyio
 
@@ -21,10 +26,15 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(params=["memory", "file"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    path = ":memory:" if request.param == "memory" else str(tmp_path / "store.db")
-    opened = await SQLiteStore.open(path)
+@pytest.fixture(params=["memory", "file", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AnyStore]:
+    opened: AnyStore
+    if request.param == "postgres":
+        cluster: PostgresCluster = request.getfixturevalue("postgres")
+        opened = await PostgresStore.open(cluster.clean_database())
+    else:
+        path = ":memory:" if request.param == "memory" else str(tmp_path / "store.db")
+        opened = await SQLiteStore.open(path)
     try:
         yield opened
     finally:
@@ -43,7 +53,7 @@ def msg(message_id: str, **overrides: Any) -> Message:
     return Message.model_validate(values)
 
 
-async def test_insert_reports_new_then_duplicate(store: SQLiteStore) -> None:
+async def test_insert_reports_new_then_duplicate(store: AnyStore) -> None:
     assert await store.insert(msg("a")) is True
     assert await store.insert(msg("a")) is False
     assert await store.insert(msg("a", text="changed")) is False
@@ -51,7 +61,7 @@ async def test_insert_reports_new_then_duplicate(store: SQLiteStore) -> None:
     assert [m.text for m in page.data] == ["Hello"]
 
 
-async def test_concurrent_inserts_keep_aggregates_exact(store: SQLiteStore) -> None:
+async def test_concurrent_inserts_keep_aggregates_exact(store: AnyStore) -> None:
     senders = [f"+1555{i:07}" for i in range(7)]
     jobs = [store.insert(msg(f"id{i % 150}", **{"from": senders[i % 150 % 7]})) for i in range(600)]
     results = await asyncio.gather(*jobs)
@@ -68,13 +78,13 @@ async def test_concurrent_inserts_keep_aggregates_exact(store: SQLiteStore) -> N
     assert page.total == 150
 
 
-async def test_group_commit_settles_every_waiter(store: SQLiteStore) -> None:
+async def test_group_commit_settles_every_waiter(store: AnyStore) -> None:
     results = await asyncio.gather(*(store.insert(msg(f"g{i}")) for i in range(1500)))
     assert all(results)
     assert (await store.list_messages(ListQuery(limit=1))).total == 1500
 
 
-async def test_list_orders_and_filters(store: SQLiteStore) -> None:
+async def test_list_orders_and_filters(store: AnyStore) -> None:
     await store.insert(msg("b", ts="2025-01-15T10:00:00.5Z", text="Zebra"))
     await store.insert(msg("a", ts="2025-01-15T10:00:00.5Z", text=None))
     await store.insert(msg("c", ts="2025-01-15T10:00:00Z", **{"from": "+14155550100"}))
@@ -90,13 +100,13 @@ async def test_list_orders_and_filters(store: SQLiteStore) -> None:
     assert [m.message_id for m in after.data] == ["b"]
 
 
-async def test_stats_on_empty_store(store: SQLiteStore) -> None:
+async def test_stats_on_empty_store(store: AnyStore) -> None:
     stats = await store.stats()
     assert (stats.total_messages, stats.senders_count, stats.messages_per_sender) == (0, 0, [])
     assert stats.first_message_ts is None
 
 
-async def test_ping_on_a_healthy_store(store: SQLiteStore) -> None:
+async def test_ping_on_a_healthy_store(store: AnyStore) -> None:
     await store.ping()
 
 
@@ -136,3 +146,15 @@ def test_split_statements_keeps_triggers_whole() -> None:
     statements = split_statements(script)
     assert len(statements) == 2
     assert statements[1].endswith("END;")
+
+
+async def test_one_group_with_new_repeated_and_stored_ids(store: SQLiteStore) -> None:
+    assert await store.insert(msg("stored")) is True
+    # Handed to the writer together, so they are committed as one group.
+    results = await asyncio.gather(
+        *(store.insert(msg(mid)) for mid in ["a", "b", "a", "stored", "c", "b"])
+    )
+    assert results == [True, True, False, False, True, False]
+    page = await store.list_messages(ListQuery())
+    assert sorted(m.message_id for m in page.data) == ["a", "b", "c", "stored"]
+    assert (await store.stats()).total_messages == 4

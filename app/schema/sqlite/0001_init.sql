@@ -1,4 +1,4 @@
--- Version 1 of the SQLite schema. Applied once, inside one transaction, by app.storage.
+-- Version 1 of the SQLite schema. Applied once, inside one transaction, by app.migrations.
 
 CREATE TABLE IF NOT EXISTS messages (
   message_id  TEXT PRIMARY KEY,
@@ -39,6 +39,15 @@ CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts USING fts5 (
   text_folded, content = 'messages', content_rowid = 'rowid', tokenize = 'trigram case_sensitive 1'
 );
 
+-- The index is filled behind the inserts, in large batches, by the writer when it has a
+-- moment (indexing each row as it arrives would cost every webhook). Rows up to this
+-- rowid are indexed; searches scan the few rows after it.
+CREATE TABLE IF NOT EXISTS search_progress (
+  id              INTEGER PRIMARY KEY CHECK (id = 1),
+  indexed_through INTEGER NOT NULL
+);
+INSERT INTO search_progress (id, indexed_through) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
+
 CREATE TRIGGER IF NOT EXISTS messages_after_insert AFTER INSERT ON messages BEGIN
   UPDATE message_totals
      SET total = total + 1,
@@ -47,11 +56,6 @@ CREATE TRIGGER IF NOT EXISTS messages_after_insert AFTER INSERT ON messages BEGI
    WHERE id = 1;
   INSERT INTO sender_counts (from_msisdn, count) VALUES (NEW.from_msisdn, 1)
     ON CONFLICT (from_msisdn) DO UPDATE SET count = count + 1;
-END;
-
-CREATE TRIGGER IF NOT EXISTS messages_fts_after_insert AFTER INSERT ON messages
-WHEN NEW.text_folded IS NOT NULL BEGIN
-  INSERT INTO messages_fts (rowid, text_folded) VALUES (NEW.rowid, NEW.text_folded);
 END;
 
 -- The service never deletes, but an operator's retention job may: keep the aggregates true.
@@ -66,7 +70,8 @@ CREATE TRIGGER IF NOT EXISTS messages_after_delete AFTER DELETE ON messages BEGI
 END;
 
 CREATE TRIGGER IF NOT EXISTS messages_fts_after_delete AFTER DELETE ON messages
-WHEN OLD.text_folded IS NOT NULL BEGIN
+WHEN OLD.text_folded IS NOT NULL
+ AND OLD.rowid <= (SELECT indexed_through FROM search_progress WHERE id = 1) BEGIN
   INSERT INTO messages_fts (messages_fts, rowid, text_folded)
   VALUES ('delete', OLD.rowid, OLD.text_folded);
 END;
