@@ -13,7 +13,7 @@ DEMO_URL ?= http://127.0.0.1:$(API_PORT)
 # else the host's python3.
 DEMO_PYTHON ?= $(shell [ -x $(BIN)/python ] && echo $(BIN)/python || echo $(PYTHON))
 
-.PHONY: up down logs demo docker-smoke test lint run init-db bench bench-quick wrk clean
+.PHONY: up down logs demo docker-smoke test lint soak run init-db bench bench-quick wrk clean
 
 # The Compose stack: a secret (exported, else .env, else a fresh one in .env), the image
 # built, the service started and waited for (bounded), then where to find it.
@@ -55,6 +55,11 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/pytest -q
+
+# The reliability battery's long tier (100+ SIGKILLs, 20,000 examples per property, 1,000
+# schemathesis examples per operation, ...); prints its figures at the end.
+soak: $(STAMP)
+	RELIABILITY_TIER=soak $(BIN)/pytest -q -m reliability
 
 # The service on SQLite at ./data/app.db, without Docker.
 run: $(STAMP)

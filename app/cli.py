@@ -133,6 +133,7 @@ def run_server(host: str, port: int) -> int:
 
     from app.config import ConfigError, load_settings
     from app.logging_utils import uvicorn_log_config
+    from app.server import guarded_protocol
 
     try:
         settings = load_settings()
@@ -145,6 +146,11 @@ def run_server(host: str, port: int) -> int:
         host=host,
         port=port,
         log_config=uvicorn_log_config(settings.log_level),
+        http=guarded_protocol(
+            max_head_bytes=settings.http_max_head_bytes,
+            head_timeout=settings.http_head_timeout_seconds,
+            body_timeout=settings.http_body_timeout_seconds,
+        ),
         server_header=False,
         # Client addresses are never used or logged, so X-Forwarded-* need no parsing.
         proxy_headers=False,

@@ -106,6 +106,10 @@ class Settings(BaseSettings):
     whatsapp_verify_token: SecretStr | None = None
     # Meta documents webhook payloads of up to 3 MB.
     whatsapp_max_body_bytes: int = Field(default=3 * 1024 * 1024, ge=1, le=16 * 1024 * 1024)
+    # Connection limits of `python -m app serve` (see app/server.py).
+    http_max_head_bytes: int = Field(default=65536, ge=4096, le=16 * 1024 * 1024)
+    http_head_timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
+    http_body_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
 
     @field_validator(
         "webhook_secret_previous", "whatsapp_app_secret", "whatsapp_verify_token", mode="before"

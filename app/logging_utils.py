@@ -17,6 +17,7 @@ _RECORD_FIELDS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "as
 _DROPPED_EXTRAS = frozenset({"color_message"})
 _SERVER_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.asgi")
 FLUSH_SECONDS = 0.2
+_LINE_BREAKS = (("\x85", "\\u0085"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029"))
 
 
 class JsonFormatter(logging.Formatter):
@@ -50,7 +51,13 @@ class JsonFormatter(logging.Formatter):
             # the data that caused them (a body, a phone number).
             payload["exc_type"] = exc_type.__name__
             payload["traceback"] = "".join(traceback.format_tb(tb)).rstrip()
-        return json.dumps(payload, ensure_ascii=False, default=str)
+        line = json.dumps(payload, ensure_ascii=False, default=str)
+        if not line.isascii():
+            # JSON leaves these unescaped, but many readers (Python's splitlines, JavaScript,
+            # log shippers) end a line at them: a sender's message_id must not split a line.
+            for char, escaped in _LINE_BREAKS:
+                line = line.replace(char, escaped)
+        return line
 
 
 class _JsonHandler(logging.StreamHandler[TextIO]):

@@ -152,7 +152,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "WhatsApp endpoint disabled until both settings are set", extra={"missing": missing}
         )
     app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, internal_error)
     return app
+
+
+async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    # The same generic body as the webhook's, instead of Starlette's plain text. Starlette
+    # re-raises after answering, and the observability middleware logs it (type and stack).
+    return JSONResponse({"detail": "internal server error"}, status_code=500)
 
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -27,6 +27,7 @@ _EXTRA_HEADERS = [
     (b"cache-control", b"no-store"),
 ]
 _GENERIC_500 = b'{"detail":"internal server error"}'
+_LONG_NUMBER = re.compile(r"[0-9]{6,}")
 
 
 @dataclass(slots=True)
@@ -132,7 +133,7 @@ class ObservabilityMiddleware:
             latency_ms = (time.perf_counter() - started) * 1000
             path_label = info.route or getattr(scope.get("route"), "path", None) or UNMATCHED_PATH
             self.metrics.observe_request(path_label, status, latency_ms)
-            _log_access(scope, info, status, latency_ms)
+            _log_access(scope, info, status, latency_ms, path_label == UNMATCHED_PATH)
 
 
 def _incoming_request_id(scope: Scope) -> str | None:
@@ -145,7 +146,13 @@ def _incoming_request_id(scope: Scope) -> str | None:
     return None
 
 
-def _log_access(scope: Scope, info: RequestInfo, status: int, latency_ms: float) -> None:
+def _mask_numbers(path: str) -> str:
+    return _LONG_NUMBER.sub(lambda match: match[0][:2] + "*" * (len(match[0]) - 2), path)
+
+
+def _log_access(
+    scope: Scope, info: RequestInfo, status: int, latency_ms: float, unmatched: bool
+) -> None:
     if status >= 500 or info.error:
         level = logging.ERROR
     elif status >= 400:
@@ -157,8 +164,9 @@ def _log_access(scope: Scope, info: RequestInfo, status: int, latency_ms: float)
     fields: dict[str, Any] = {
         "request_id": info.request_id,
         "method": scope["method"],
-        # The path only: the query string can carry search terms and phone numbers.
-        "path": scope["path"][:256],
+        # The path only: the query string can carry search terms and phone numbers. So can
+        # a path that matched no route (/messages/+919876543210): long numbers are masked.
+        "path": _mask_numbers(scope["path"][:256]) if unmatched else scope["path"][:256],
         "status": status,
         "latency_ms": round(latency_ms, 3),
     }

@@ -23,6 +23,23 @@ CURSOR = re.compile(r"[A-Za-z0-9_-]{1,1024}")
 MESSAGE_ID_MAX = 256
 TEXT_MAX = 4096
 
+# The same rules as JSON Schema patterns, for the OpenAPI document only (validation is the
+# code below). The instant pattern knows the calendar, so that a generated example that
+# fits the document is also a real instant.
+E164_PATTERN = r"^\+[1-9][0-9]{1,14}$"
+_YEAR = "(?:[1-9][0-9]{3}|0[1-9][0-9]{2}|00[1-9][0-9]|000[1-9])"
+_LEAP_YEAR = "(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)"
+_MONTH_DAY = (
+    "(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])"
+    "|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)"
+    "|02-(?:0[1-9]|1[0-9]|2[0-8]))"
+)
+INSTANT_PATTERN = (
+    f"^(?:{_YEAR}-{_MONTH_DAY}|{_LEAP_YEAR}-02-29)"
+    r"T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,9})?Z$"
+)
+NO_NUL_PATTERN = r"^[^\u0000]*$"
+
 
 def check_msisdn(value: str) -> str:
     if E164.fullmatch(value) is None:
@@ -59,8 +76,13 @@ def check_storable(value: str) -> str:
     return value
 
 
-MSISDN = Annotated[str, AfterValidator(check_msisdn)]
-Instant = Annotated[str, AfterValidator(check_instant)]
+MSISDN = Annotated[
+    str, AfterValidator(check_msisdn), Field(json_schema_extra={"pattern": E164_PATTERN})
+]
+Instant = Annotated[
+    str, AfterValidator(check_instant), Field(json_schema_extra={"pattern": INSTANT_PATTERN})
+]
+NO_NUL = {"pattern": NO_NUL_PATTERN}
 
 
 class Message(BaseModel):
@@ -71,12 +93,21 @@ class Message(BaseModel):
     )
 
     message_id: Annotated[
-        str, Field(min_length=1, max_length=MESSAGE_ID_MAX), AfterValidator(check_storable)
+        str,
+        Field(min_length=1, max_length=MESSAGE_ID_MAX, json_schema_extra=NO_NUL),
+        AfterValidator(check_storable),
     ]
     from_: Annotated[MSISDN, Field(alias="from")]
     to: MSISDN
     ts: Instant
-    text: Annotated[str, Field(max_length=TEXT_MAX), AfterValidator(check_storable)] | None = None
+    text: (
+        Annotated[
+            str,
+            Field(max_length=TEXT_MAX, json_schema_extra=NO_NUL),
+            AfterValidator(check_storable),
+        ]
+        | None
+    ) = None
 
 
 class MessagePage(BaseModel):

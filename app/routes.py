@@ -7,11 +7,14 @@ import logging
 from typing import Annotated, Any, TypedDict
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import PlainTextResponse
 from pydantic import AfterValidator, BeforeValidator
 
 from app.config import Settings
 from app.metrics import Metrics
 from app.models import (
+    INSTANT_PATTERN,
+    NO_NUL_PATTERN,
     ListQuery,
     MessagePage,
     Stats,
@@ -29,6 +32,17 @@ router = APIRouter()
 READY_TIMEOUT_SECONDS = 1.0
 Q_MAX = 256
 OFFSET_MAX = 1_000_000_000
+# For the OpenAPI document: what a query parameter must look like (the validators decide).
+SENDER_PATTERN = r"^[ +][1-9][0-9]{1,14}$"
+CURSOR_PATTERN = r"^[A-Za-z0-9_-]{1,1024}$"
+JSON_OBJECT = {"application/json": {"schema": {"type": "object"}}}
+UNAVAILABLE: dict[int | str, dict[str, Any]] = {
+    503: {
+        "description": "The database cannot answer now; retry after Retry-After",
+        "content": JSON_OBJECT,
+        "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+    }
+}
 
 
 # The dependencies are coroutines on purpose: FastAPI runs a plain `def` dependency in a
@@ -101,7 +115,9 @@ def check_cursor(value: str) -> str:
     return value
 
 
-@router.get("/messages", response_model=MessagePage, summary="List stored messages")
+@router.get(
+    "/messages", response_model=MessagePage, summary="List stored messages", responses=UNAVAILABLE
+)
 async def list_messages(
     store: StoreDep,
     settings: SettingsDep,
@@ -109,23 +125,37 @@ async def list_messages(
     offset: Annotated[int, Query(ge=0, le=OFFSET_MAX)] = 0,
     sender: Annotated[
         str | None,
-        Query(alias="from", description="Exact sender, E.164 (a leading space reads as '+')"),
+        Query(
+            alias="from",
+            description="Exact sender, E.164 (a leading space reads as '+')",
+            json_schema_extra={"pattern": SENDER_PATTERN},
+        ),
         BeforeValidator(plus_for_space),
         optional(check_msisdn),
     ] = None,
     since: Annotated[
         str | None,
-        Query(description="Only messages with ts >= since (ISO-8601 UTC, like ts)"),
+        Query(
+            description="Only messages with ts >= since (ISO-8601 UTC, like ts)",
+            json_schema_extra={"pattern": INSTANT_PATTERN},
+        ),
         optional(check_instant),
     ] = None,
     q: Annotated[
         str | None,
-        Query(max_length=Q_MAX, description="Case-insensitive substring of text"),
+        Query(
+            max_length=Q_MAX,
+            description="Case-insensitive substring of text",
+            json_schema_extra={"pattern": NO_NUL_PATTERN},
+        ),
         optional(no_nul),
     ] = None,
     cursor: Annotated[
         str | None,
-        Query(description="next_cursor from the previous page: keyset paging"),
+        Query(
+            description="next_cursor from the previous page: keyset paging",
+            json_schema_extra={"pattern": CURSOR_PATTERN},
+        ),
         optional(check_cursor),
     ] = None,
 ) -> Response:
@@ -145,7 +175,7 @@ async def list_messages(
     return json_response(page.model_dump_json().encode())
 
 
-@router.get("/stats", response_model=Stats, summary="Message counts")
+@router.get("/stats", response_model=Stats, summary="Message counts", responses=UNAVAILABLE)
 async def stats(store: StoreDep, settings: SettingsDep) -> Response:
     try:
         result = await store.stats()
@@ -164,7 +194,11 @@ async def live() -> dict[str, str]:
 
 
 @router.head("/health/ready", include_in_schema=False)
-@router.get("/health/ready", summary="Readiness: database, schema and secret are in place")
+@router.get(
+    "/health/ready",
+    summary="Readiness: database, schema and secret are in place",
+    responses={503: {"description": "Not ready", "content": JSON_OBJECT}},
+)
 async def ready(settings: SettingsDep, store: StoreDep) -> Response:
     if not settings.webhook_secret.get_secret_value():
         return json_response(b'{"status":"unavailable"}', 503)
@@ -177,6 +211,6 @@ async def ready(settings: SettingsDep, store: StoreDep) -> Response:
     return json_response(b'{"status":"ready"}')
 
 
-@router.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
+@router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
 async def metrics_endpoint(metrics: MetricsDep) -> Response:
     return Response(content=metrics.render(), media_type=Metrics.content_type)

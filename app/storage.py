@@ -56,6 +56,8 @@ SEARCH_BACKLOG_MAX = 20_000
 SEARCH_BATCH = 2000
 # Past this size, the checkpointer makes the WAL start over (see _Checkpointer).
 WAL_RESTART_BYTES = 64 * 1024 * 1024
+# After a failed write, readiness wants this much room in the database and on its disk.
+PROBE_ROOM_BYTES = 1024 * 1024
 
 
 class StorageUnavailable(Exception):
@@ -255,6 +257,7 @@ def _check_schema(conn: sqlite3.Connection) -> None:
 
 
 def _probe_write(conn: sqlite3.Connection) -> None:
+    _check_room(conn)
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.execute(
@@ -266,6 +269,30 @@ def _probe_write(conn: sqlite3.Connection) -> None:
     except BaseException:
         _rollback(conn)
         raise
+
+
+def _check_room(conn: sqlite3.Connection) -> None:
+    """Raise StorageUnavailable unless the database and its disk have PROBE_ROOM_BYTES free.
+
+    The probe row is tiny and fits where a failed batch left room (in the WAL, in a
+    half-full page), so on a full disk it can succeed while every real insert fails.
+    """
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    limit = conn.execute("PRAGMA max_page_count").fetchone()[0]
+    free_pages = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    if (limit - pages + free_pages) * page_size < PROBE_ROOM_BYTES:
+        raise StorageUnavailable("the database is at its max_page_count")
+    path = conn.execute("PRAGMA database_list").fetchone()[2]
+    if path:  # "" for :memory:
+        try:
+            fs = os.statvfs(os.path.dirname(path))
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot read free space: {exc.strerror}") from None
+        # Root may also write into the blocks a filesystem reserves for it.
+        blocks = fs.f_bfree if os.geteuid() == 0 else fs.f_bavail
+        if blocks * fs.f_frsize < PROBE_ROOM_BYTES:
+            raise StorageUnavailable("the disk is full")
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
@@ -562,6 +589,7 @@ class SQLiteStore:
         self._deadlines: deque[tuple[float, asyncio.Future[bool]]] = deque()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         self._lock = threading.Lock()
+        self._probe: asyncio.Future[None] | None = None
 
     @classmethod
     async def open(
@@ -657,8 +685,13 @@ class SQLiteStore:
 
         await self._read(check)
         if not self._writer.healthy:
-            # The last commit failed: only a write proves that writes work again.
-            await self._write_call(_probe_write)
+            # The last commit failed: only a write proves that writes work again. One probe
+            # write at a time: concurrent checks share it instead of queueing in front of
+            # the inserts (each probe can wait out the busy timeout).
+            if self._probe is None or self._probe.done():
+                self._probe = asyncio.ensure_future(self._write_call(_probe_write))
+                self._probe.add_done_callback(_consume_outcome)
+            await asyncio.shield(self._probe)
             self._writer.healthy = True
 
     async def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
@@ -733,6 +766,13 @@ class SQLiteStore:
             raise StorageUnavailable("database call timed out") from None
         except sqlite3.Error as exc:
             raise StorageUnavailable(describe_sqlite_error(exc)) from None
+
+
+def _consume_outcome(future: asyncio.Future[Any]) -> None:
+    # A shared probe whose every waiter gave up still has its outcome read, so asyncio
+    # does not report "exception was never retrieved".
+    if not future.cancelled():
+        future.exception()
 
 
 def _file_identity(path: str) -> tuple[int, int] | None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx2 as httpx
 import pytest
+from _pytest.terminal import TerminalReporter
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
@@ -17,6 +18,7 @@ from app.postgres_store import PostgresStore
 from app.signature import sign
 from app.storage import Row, SQLiteStore
 from tests.postgres import PostgresCluster, why_unavailable
+from tests.tiers import FIGURES, TIER
 
 SECRET = "testsecret"
 
@@ -150,3 +152,10 @@ def db_path(tmp_path: Path) -> Path:
 def file_client(make_client: AppClient, db_path: Path) -> Client:
     """The app on a SQLite file, for what only a file has (WAL, readers, probes)."""
     return make_client(database_url=f"sqlite:///{db_path}")
+
+
+def pytest_terminal_summary(terminalreporter: TerminalReporter) -> None:
+    if FIGURES:
+        terminalreporter.section(f"reliability figures ({TIER.name} tier)")
+        for name, value in FIGURES.items():
+            terminalreporter.write_line(f"{name}: {value}")

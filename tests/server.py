@@ -18,6 +18,9 @@ from pathlib import Path
 from tests.conftest import SECRET
 
 ROOT = Path(__file__).resolve().parent.parent
+# The shipped command (with its server limits), and a deliberately broken build (BROKEN_VARIANT).
+SERVE = (sys.executable, "-m", "app", "serve")
+BROKEN = (sys.executable, "-m", "uvicorn", "--factory", "tests.broken_app:create_app")
 
 
 def free_port() -> int:
@@ -66,6 +69,7 @@ def start_server(
     command: Sequence[str] | None = None,
     db_path: Path | None = None,
     port: int | None = None,
+    wait: bool = True,
 ) -> Server:
     port = port or free_port()
     db_path = db_path or tmp_path / "app.db"
@@ -85,6 +89,8 @@ def start_server(
             argv, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT
         )
     base_url = f"http://127.0.0.1:{port}"
+    if not wait:
+        return Server(process, base_url, log_path, db_path, full_env)
     try:
         wait_ready(base_url, process)
     except BaseException:
