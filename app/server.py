@@ -12,15 +12,21 @@ protocol, which adds three limits:
   closed, and the app sees a client that went away.
 
 A reverse proxy in front should enforce the same (see the README's Reliability section).
+
+The deadlines cost a float per request: no timer per request (a timer handle in uvloop is
+an allocation, a heap push and a cancel, twice a request), but one sweep a second over the
+open connections, so a limit is enforced within a second of falling due.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import weakref
+from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+SWEEP_SECONDS = 0.5
 _REFUSALS = {
     408: b'{"detail":"request timeout"}',
     431: b'{"detail":"request header fields too large"}',
@@ -38,14 +44,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # complete; head bytes are counted only then.
         self._reading_head = True
         self._head_bytes = 0
-        self._deadline: asyncio.TimerHandle | None = None
+        # loop.time() by which the head or the body must have arrived; 0: no deadline.
+        self._deadline = 0.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm(self.head_timeout)
+        self._deadline = self.loop.time() + self.head_timeout
+        _Sweeper.of(self.loop).watch(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
+        self._deadline = 0.0
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -61,29 +69,22 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._reading_head = True
         self._head_bytes = 0
-        if self._deadline is None:
-            self._arm(self.head_timeout)
+        if not self._deadline:
+            self._deadline = self.loop.time() + self.head_timeout
 
     def on_headers_complete(self) -> None:
         self._reading_head = False
-        self._arm(self.body_timeout)
+        self._deadline = self.loop.time() + self.body_timeout
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
-        self._disarm()
+        self._deadline = 0.0
         super().on_message_complete()
 
-    def _arm(self, seconds: float) -> None:
-        self._disarm()
-        self._deadline = self.loop.call_later(seconds, self._expire)
-
-    def _disarm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-
-    def _expire(self) -> None:
-        self._deadline = None
+    def check_deadline(self, now: float) -> None:
+        if not self._deadline or now < self._deadline:
+            return
+        self._deadline = 0.0
         if self.transport.is_closing():
             return
         if self._reading_head and (self.cycle is None or self.cycle.response_complete):
@@ -93,7 +94,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def _refuse(self, status: int) -> None:
-        self._disarm()
+        self._deadline = 0.0
         body = _REFUSALS[status]
         reason = b"Request Timeout" if status == 408 else b"Request Header Fields Too Large"
         self.transport.write(
@@ -105,6 +106,41 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             + body
         )
         self.transport.close()
+
+
+class _Sweeper:
+    """Checks every open connection's deadline, twice a second, on one event loop."""
+
+    _by_loop: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Sweeper]] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.connections: weakref.WeakSet[GuardedHttpToolsProtocol] = weakref.WeakSet()
+        self.scheduled = False
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> _Sweeper:
+        sweeper = cls._by_loop.get(loop)
+        if sweeper is None:
+            sweeper = cls._by_loop[loop] = cls(loop)
+        return sweeper
+
+    def watch(self, connection: GuardedHttpToolsProtocol) -> None:
+        self.connections.add(connection)
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_later(SWEEP_SECONDS, self.sweep)
+
+    def sweep(self) -> None:
+        now = self.loop.time()
+        for connection in list(self.connections):
+            connection.check_deadline(now)
+        # Runs only while connections are open; the next one starts it again.
+        self.scheduled = bool(self.connections)
+        if self.scheduled:
+            self.loop.call_later(SWEEP_SECONDS, self.sweep)
 
 
 def guarded_protocol(
