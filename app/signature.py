@@ -113,16 +113,7 @@ def verify_standard_webhook(
         raise InvalidSignature(FUTURE)
     if not given:
         raise InvalidSignature(MISMATCH)
-    matched = -1
-    for index, key in enumerate(keys):
-        expected = _standard_digest(key, raw_id, raw_ts, body)
-        # Every pair is compared, so the time taken does not tell which one matched.
-        for candidate in given:
-            if hmac.compare_digest(expected, candidate) and matched < 0:
-                matched = index
-    if matched < 0:
-        raise InvalidSignature(MISMATCH)
-    return matched
+    return _first_match((_standard_digest(key, raw_id, raw_ts, body) for key in keys), given)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,12 +168,19 @@ def _ascii(header: Header) -> bytes:
 
 
 def _matching_key(given: Sequence[bytes], secrets: Sequence[bytes], body: bytes) -> int:
+    return _first_match((hmac.digest(secret, body, "sha256") for secret in secrets), given)
+
+
+def _first_match(expected: Iterable[bytes], given: Sequence[bytes]) -> int:
+    """The index of the first expected digest among `given`, else InvalidSignature.
+
+    Every pair is compared, with compare_digest, so the time taken does not tell which
+    key (or none) matched.
+    """
     matched = -1
-    # Every key is tried, so the time taken does not tell which one (or none) matched.
-    for index, secret in enumerate(secrets):
-        expected = hmac.digest(secret, body, "sha256")
+    for index, digest in enumerate(expected):
         for candidate in given:
-            if hmac.compare_digest(expected, candidate) and matched < 0:
+            if hmac.compare_digest(digest, candidate) and matched < 0:
                 matched = index
     if matched < 0:
         raise InvalidSignature(MISMATCH)
