@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.dataset import RARE_WORD, prefill_naive, prefill_service, write_signed_bodies
-from tests.postgres import PostgresCluster, why_unavailable
+from tests.postgres import running_cluster, why_unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -254,6 +254,23 @@ def check_acked(name: str, load: Load, db: Path) -> None:
         raise SystemExit(f"{name}: {len(lost)} acknowledged messages are not stored: {lost[:5]}")
 
 
+def fresh_inserts(
+    server: Server, bodies: Path, prefix: str, connections: int, args: argparse.Namespace
+) -> Load:
+    """New signed messages for `args.duration` s; every acknowledged one must be stored."""
+    write_signed_bodies(bodies, prefix, args.fresh_bodies, SECRET.encode())
+    load = wrk(
+        server.url,
+        connections=connections,
+        duration=args.duration,
+        workdir=bodies.parent,
+        bodies=bodies,
+        server=server,
+    )
+    check_acked(server.variant.name, load, server.db)
+    return load
+
+
 def settled_log_size(server: Server) -> int:
     """The log's size once the service has flushed what it buffered (within 0.2 s)."""
     time.sleep(0.4)
@@ -302,30 +319,10 @@ def run_ingest(args: argparse.Namespace, workdir: Path, table: Table) -> None:
             db = run_dir / "app.db"
             with serve(variant, run_dir, db) as server:
                 fresh = run_dir / "fresh.txt"
-                write_signed_bodies(
-                    fresh, f"f{pass_index}{name}-", args.fresh_bodies, SECRET.encode()
-                )
-                load = wrk(
-                    server.url,
-                    connections=64,
-                    duration=args.duration,
-                    workdir=run_dir,
-                    bodies=fresh,
-                    server=server,
-                )
-                check_acked(name, load, db)
+                load = fresh_inserts(server, fresh, f"f{pass_index}{name}-", 64, args)
                 table.add("insert, 64 conn", name, load)
                 single = run_dir / "single.txt"
-                write_signed_bodies(single, f"s{pass_index}{name}-", 100_000, SECRET.encode())
-                load = wrk(
-                    server.url,
-                    connections=1,
-                    duration=args.duration,
-                    workdir=run_dir,
-                    bodies=single,
-                    server=server,
-                )
-                check_acked(name, load, db)
+                load = fresh_inserts(server, single, f"s{pass_index}{name}-", 1, args)
                 table.add("insert, 1 conn", name, load)
                 # Duplicates: the first bodies of the fresh load, stored already.
                 dups = run_dir / "dups.txt"
@@ -428,19 +425,9 @@ def run_million(args: argparse.Namespace, workdir: Path) -> list[str]:
                             server.log, offset, "/stats" if "stats" in label else "/messages"
                         )
                         table.add(label, "1M", load)
-                fresh = run_dir / "fresh.txt"
-                write_signed_bodies(
-                    fresh, f"m{pass_index}{kind}-", args.fresh_bodies, SECRET.encode()
+                load = fresh_inserts(
+                    server, run_dir / "fresh.txt", f"m{pass_index}{kind}-", 64, args
                 )
-                load = wrk(
-                    server.url,
-                    connections=64,
-                    duration=args.duration,
-                    workdir=run_dir,
-                    bodies=fresh,
-                    server=server,
-                )
-                check_acked("service", load, db)
                 table.add("insert, 64 conn", kind, load)
                 if kind == "full":
                     rss.append(server.rss_mb())
@@ -480,12 +467,9 @@ def run_scaleout(args: argparse.Namespace, workdir: Path) -> list[str]:
     reason = why_unavailable()
     if reason:
         return [f"scale-out: skipped ({reason})"]
-    cluster = PostgresCluster()
-    cluster.init()
-    cluster.start()
-    table = Table()
-    kinds = ["sqlite", "postgresql x1", "postgresql x2"]
-    try:
+    with running_cluster() as cluster:
+        table = Table()
+        kinds = ["sqlite", "postgresql x1", "postgresql x2"]
         for pass_index in range(args.passes):
             order = kinds[pass_index % 3 :] + kinds[: pass_index % 3]
             for kind in order:
@@ -550,8 +534,6 @@ def run_scaleout(args: argparse.Namespace, workdir: Path) -> list[str]:
                     ),
                 )
             print(f"  pass {pass_index + 1}: scale-out done", file=sys.stderr)
-    finally:
-        cluster.destroy()
     lines = [
         f"{'fresh inserts, 64 connections':<34}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
         f"{'vs SQLite':>11}"

@@ -17,7 +17,7 @@ from app.main import create_app
 from app.postgres_store import PostgresStore
 from app.signature import sign
 from app.storage import Row, SQLiteStore
-from tests.postgres import PostgresCluster, why_unavailable
+from tests.postgres import PostgresCluster, running_cluster, why_unavailable
 from tests.tiers import FIGURES, TIER
 
 SECRET = "testsecret"
@@ -119,13 +119,8 @@ def postgres() -> Iterator[PostgresCluster]:
     reason = why_unavailable()
     if reason is not None:
         pytest.skip(reason)
-    cluster = PostgresCluster()
-    try:
-        cluster.init()
-        cluster.start()
+    with running_cluster() as cluster:
         yield cluster
-    finally:
-        cluster.destroy()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -16,7 +16,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -174,6 +174,18 @@ class PostgresCluster:
 
     def fetch(self, sql: str, *args: Any, database: str = "postgres") -> list[tuple[Any, ...]]:
         return run_sync(_fetch(self.url(database), sql, args))
+
+
+@contextlib.contextmanager
+def running_cluster() -> Iterator[PostgresCluster]:
+    """A started cluster of our own, removed afterwards (check why_unavailable() first)."""
+    cluster = PostgresCluster()
+    try:
+        cluster.init()
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.destroy()
 
 
 async def _migrate(url: str) -> None:

@@ -20,7 +20,13 @@ import pytest
 
 from app.signature import sign
 from tests.conftest import SECRET, encode, message
-from tests.postgres import PASSWORD, PostgresCluster, database_name, why_unavailable
+from tests.postgres import (
+    PASSWORD,
+    PostgresCluster,
+    database_name,
+    running_cluster,
+    why_unavailable,
+)
 from tests.server import Server, running_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -188,13 +194,8 @@ def own_cluster() -> Iterator[PostgresCluster]:
     reason = why_unavailable()
     if reason is not None:
         pytest.skip(reason)
-    cluster = PostgresCluster()
-    try:
-        cluster.init()
-        cluster.start()
+    with running_cluster() as cluster:
         yield cluster
-    finally:
-        cluster.destroy()
 
 
 def wait_for(check: Any, timeout: float = 60) -> None:
