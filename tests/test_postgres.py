@@ -358,20 +358,25 @@ def test_ready_requires_the_exact_schema_version(
     assert client.post_signed(message()).status_code == 200
 
 
+def init_db(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`python -m app init-db` with exactly this environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "app", "init-db"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
 def test_init_db_applies_the_schema_without_printing_the_password(
     postgres: PostgresCluster,
 ) -> None:
     url = postgres.create_database("cli")
     env = {"DATABASE_URL": url, "PATH": "/usr/bin:/bin"}
     for _ in range(2):
-        result = subprocess.run(
-            [sys.executable, "-m", "app", "init-db"],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        result = init_db(env)
         assert result.returncode == 0, result.stderr
         assert (
             f"schema version {SCHEMA_VERSION} applied to PostgreSQL at 127.0.0.1" in result.stdout
@@ -391,14 +396,7 @@ def test_init_db_on_an_unreachable_database_is_one_line(postgres: PostgresCluste
         "DATABASE_STARTUP_TIMEOUT_SECONDS": "0",
         "PATH": "/usr/bin:/bin",
     }
-    result = subprocess.run(
-        [sys.executable, "-m", "app", "init-db"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = init_db(env)
     assert result.returncode == 1
     assert len(result.stderr.splitlines()) == 1
     assert "database not reachable" in result.stderr
@@ -482,14 +480,7 @@ def test_init_db_refuses_a_bad_startup_timeout(postgres: PostgresCluster) -> Non
         "DATABASE_STARTUP_TIMEOUT_SECONDS": "soon",
         "PATH": "/usr/bin:/bin",
     }
-    result = subprocess.run(
-        [sys.executable, "-m", "app", "init-db"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = init_db(env)
     assert result.returncode == 2
     assert "DATABASE_STARTUP_TIMEOUT_SECONDS" in result.stderr
     assert len(result.stderr.splitlines()) == 1

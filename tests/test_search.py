@@ -44,6 +44,22 @@ def corpus(seed: int = 7, size: int = 300) -> list[str | None]:
     return texts
 
 
+async def store_texts(store: SQLiteStore, texts: list[str | None], prefix: str = "t") -> None:
+    """One message per text, ids `<prefix>0000`, `<prefix>0001`, ... in order."""
+    for i, text in enumerate(texts):
+        await store.insert(
+            Message.model_validate(
+                {
+                    "message_id": f"{prefix}{i:04d}",
+                    "from": "+15550000001",
+                    "to": "+15550000002",
+                    "ts": f"2025-01-01T00:00:{i % 60:02d}Z",
+                    "text": text,
+                }
+            )
+        )
+
+
 def oracle(texts: list[str | None], q: str) -> list[str]:
     folded = q.casefold()
     return [
@@ -95,18 +111,7 @@ async def searchable(
     # Keep the writer from indexing on its own, so each state is exactly the one named.
     store._writer.search.automatic = False
     try:
-        for i, text in enumerate(texts):
-            await store.insert(
-                Message.model_validate(
-                    {
-                        "message_id": f"t{i:04d}",
-                        "from": "+15550000001",
-                        "to": "+15550000002",
-                        "ts": f"2025-01-01T00:00:{i % 60:02d}Z",
-                        "text": text,
-                    }
-                )
-            )
+        await store_texts(store, texts)
         if request.param == "indexed":
             await store.index_search()
         elif request.param == "half":
@@ -150,18 +155,7 @@ async def test_search_matches_a_plain_scan(
 async def test_index_progress_is_recorded(tmp_path: Path) -> None:
     store = await SQLiteStore.open(str(tmp_path / "progress.db"))
     try:
-        for i in range(10):
-            await store.insert(
-                Message.model_validate(
-                    {
-                        "message_id": f"p{i}",
-                        "from": "+15550000001",
-                        "to": "+15550000002",
-                        "ts": "2025-01-01T00:00:00Z",
-                        "text": f"word{i}",
-                    }
-                )
-            )
+        await store_texts(store, [f"word{i}" for i in range(10)], prefix="p")
         await store.index_search()
         rows = await store.query(
             "SELECT indexed_through, (SELECT max(rowid) FROM messages) FROM search_progress"
@@ -191,18 +185,7 @@ def test_search_equivalence_for_generated_texts(tmp_path: Path) -> None:
     async def run(texts: list[str | None], q: str, indexed: bool) -> None:
         store = await SQLiteStore.open(":memory:")
         try:
-            for i, text in enumerate(texts):
-                await store.insert(
-                    Message.model_validate(
-                        {
-                            "message_id": f"t{i:04d}",
-                            "from": "+15550000001",
-                            "to": "+15550000002",
-                            "ts": "2025-01-01T00:00:00Z",
-                            "text": text,
-                        }
-                    )
-                )
+            await store_texts(store, texts)
             store._writer.search.automatic = False
             if indexed:
                 await store.index_search()
