@@ -7,8 +7,10 @@ import json
 import logging
 import sys
 import threading
+import time
 import traceback
 from datetime import UTC, datetime
+from json.encoder import encode_basestring
 from typing import Any, TextIO
 
 # Attributes every LogRecord has; anything else on a record came in through `extra=`.
@@ -17,6 +19,8 @@ _RECORD_FIELDS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "as
 _DROPPED_EXTRAS = frozenset({"color_message"})
 _SERVER_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.asgi")
 FLUSH_SECONDS = 0.2
+# INFO lines waiting at most; past this, the next one writes them all.
+MAX_PENDING = 512
 _LINE_BREAKS = (("\x85", "\\u0085"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029"))
 
 
@@ -52,28 +56,35 @@ class JsonFormatter(logging.Formatter):
             payload["exc_type"] = exc_type.__name__
             payload["traceback"] = "".join(traceback.format_tb(tb)).rstrip()
         line = json.dumps(payload, ensure_ascii=False, default=str)
-        if not line.isascii():
-            # JSON leaves these unescaped, but many readers (Python's splitlines, JavaScript,
-            # log shippers) end a line at them: a sender's message_id must not split a line.
-            for char, escaped in _LINE_BREAKS:
-                line = line.replace(char, escaped)
-        return line
+        return line if line.isascii() else _escape_line_breaks(line)
 
 
-class _JsonHandler(logging.StreamHandler[TextIO]):
-    """Writes the lines; WARNING and above reach the stream at once, the rest within
-    FLUSH_SECONDS.
+def _escape_line_breaks(line: str) -> str:
+    # JSON leaves these unescaped, but many readers (Python's splitlines, JavaScript, log
+    # shippers) end a line at them: a sender's message_id must not split a line.
+    for char, escaped in _LINE_BREAKS:
+        line = line.replace(char, escaped)
+    return line
+
+
+class _JsonHandler(logging.Handler):
+    """Writes the lines: access lines at INFO within FLUSH_SECONDS, all others at once.
 
     A busy server logs a line per request, and a write(2) per line was a fifth of the
-    cost of a webhook: INFO lines ride the stream's buffer and a small thread flushes
-    it. On a kill -9, at most FLUSH_SECONDS of INFO lines are lost; a normal exit
-    flushes them (logging.shutdown). Being our own class also lets reconfiguring find
-    and replace this handler, and nothing else.
+    cost of a webhook. So INFO access lines (see AccessLog) wait in a list, and a small
+    thread writes them every FLUSH_SECONDS in one call (or sooner, past MAX_PENDING
+    lines). The buffering is ours rather than the stream's: PYTHONUNBUFFERED, common in
+    containers, would otherwise turn every line back into a write(2). Any other line
+    writes out what waits, then itself, so lines keep their order, and the last line a
+    stopping server writes takes every access line before it out. On a kill -9, at most
+    FLUSH_SECONDS of access lines are lost. Being our own class also lets reconfiguring
+    find and replace this handler, and nothing else.
     """
 
     def __init__(self, stream: TextIO) -> None:
-        super().__init__(stream)
-        self._unflushed = False
+        super().__init__()
+        self.stream = stream
+        self._pending: list[str] = []
         self._closing = threading.Event()
         self._flusher = threading.Thread(
             target=self._flush_regularly, name="log-flush", daemon=True
@@ -82,28 +93,120 @@ class _JsonHandler(logging.StreamHandler[TextIO]):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.stream.write(self.format(record) + "\n")
-            if record.levelno >= logging.WARNING:
-                self.stream.flush()
-            else:
-                self._unflushed = True
+            self.write_line(self.format(record), urgent=True)
         except RecursionError:
             raise
         except Exception:  # noqa: BLE001 - logging's own convention: report, never raise
             self.handleError(record)
 
+    def write_line(self, line: str, *, urgent: bool) -> None:
+        """Write one formatted line (no newline) now if `urgent`, else within FLUSH_SECONDS."""
+        with self.lock:  # type: ignore[union-attr]
+            pending = self._pending
+            pending.append(line)
+            if urgent or len(pending) >= MAX_PENDING:
+                self._write_pending()
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        # Called with the lock held.
+        lines, self._pending = self._pending, []
+        # The stream may be gone (closed by whoever owned it): nothing to do.
+        with contextlib.suppress(ValueError, OSError):
+            if lines:
+                lines.append("")
+                self.stream.write("\n".join(lines))
+            self.stream.flush()
+
     def _flush_regularly(self) -> None:
         while not self._closing.wait(FLUSH_SECONDS):
-            if self._unflushed:
-                with self.lock:  # type: ignore[union-attr]
-                    self._unflushed = False
-                    # The stream may be gone (closed by whoever owned it): nothing to do.
-                    with contextlib.suppress(ValueError, OSError):
-                        self.flush()
+            if self._pending:
+                self.flush()
 
     def close(self) -> None:
         self._closing.set()
+        self.flush()
         super().close()
+
+
+def flush_logs() -> None:
+    """Write out every line still waiting in the JSON handler."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, _JsonHandler):
+            handler.flush()
+
+
+class AccessLog:
+    """The per-request access line, written without building a LogRecord.
+
+    Every request writes one, so it is the hottest log call by far: the logging module's
+    path (a record, the formatter's generic loop, json.dumps of a dict) cost about as
+    much as verifying the request. The line is the JsonFormatter's format exactly, for
+    these fields; the logger's level and the handler are the configured ones. Anything
+    else, or a logging setup that is not ours, goes through the logging module.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.logger = logging.getLogger(name)
+        self._prefix = f'", "logger": {encode_basestring(name)}, "msg": "request", '
+        self._levels = {
+            level: f'", "level": "{logging.getLevelName(level)}'
+            for level in (logging.INFO, logging.WARNING, logging.ERROR)
+        }
+
+    def enabled(self, levelno: int) -> bool:
+        return self.logger.isEnabledFor(levelno)
+
+    def write(self, levelno: int, fields: dict[str, Any]) -> None:
+        """Log `fields` (str, int, float, bool or None values) at `levelno`, if enabled."""
+        sink = _sink
+        if (
+            sink is None
+            or levelno not in self._levels
+            or self.logger.handlers
+            or not self.logger.propagate
+            or sink.handler not in logging.root.handlers
+        ):
+            self.logger.log(levelno, "request", extra=fields)
+            return
+        parts = [
+            '{"ts": "',
+            sink.timestamp(time.time()),
+            self._levels[levelno],
+            self._prefix,
+        ]
+        for key, value in fields.items():
+            parts.append(f'"{key}": ')
+            if isinstance(value, str):
+                parts.append(encode_basestring(value))
+            elif value is None:
+                parts.append("null")
+            elif value is True:
+                parts.append("true")
+            elif value is False:
+                parts.append("false")
+            else:
+                parts.append(repr(value))
+            parts.append(", ")
+        parts[-1] = "}"
+        line = "".join(parts)
+        if not line.isascii():
+            line = _escape_line_breaks(line)
+        sink.handler.write_line(line, urgent=levelno >= logging.WARNING)
+
+
+class _Sink:
+    """The configured JSON handler and its formatter, for AccessLog."""
+
+    def __init__(self, handler: _JsonHandler, formatter: JsonFormatter) -> None:
+        self.handler = handler
+        self.timestamp = formatter.timestamp
+
+
+_sink: _Sink | None = None
 
 
 def configure_logging(level: str, stream: TextIO | None = None) -> None:
@@ -120,9 +223,12 @@ def configure_logging(level: str, stream: TextIO | None = None) -> None:
         if isinstance(handler, _JsonHandler):
             root.removeHandler(handler)
             handler.close()
+    global _sink
     handler = _JsonHandler(stream if stream is not None else sys.stdout)
-    handler.setFormatter(JsonFormatter())
+    formatter = JsonFormatter()
+    handler.setFormatter(formatter)
     root.addHandler(handler)
+    _sink = _Sink(handler, formatter)
     root.setLevel(level)
     for name in _SERVER_LOGGERS:
         server_logger = logging.getLogger(name)

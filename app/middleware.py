@@ -13,9 +13,10 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.logging_utils import AccessLog
 from app.metrics import UNMATCHED_PATH, Metrics
 
-access_logger = logging.getLogger("app.access")
+access_log = AccessLog("app.access")
 error_logger = logging.getLogger("app.error")
 
 # What an incoming X-Request-ID must look like to be reused (else we mint one): short,
@@ -159,7 +160,7 @@ def _log_access(
         level = logging.WARNING
     else:
         level = logging.INFO
-    if not access_logger.isEnabledFor(level):
+    if not access_log.enabled(level):
         return
     fields: dict[str, Any] = {
         "request_id": info.request_id,
@@ -174,4 +175,4 @@ def _log_access(
         fields["message_id"] = info.message_id
         fields["dup"] = bool(info.dup)
         fields["result"] = info.result
-    access_logger.log(level, "request", extra=fields)
+    access_log.write(level, fields)

@@ -13,6 +13,9 @@ protocol, which adds three limits:
 
 A reverse proxy in front should enforce the same (see the README's Reliability section).
 
+It also writes each response's head and the start of its body in one write(2), where
+uvicorn makes one call for each (see _CoalescingCycle).
+
 The deadlines cost a float per request: no timer per request (a timer handle in uvloop is
 an allocation, a heap push and a cancel, twice a request), but one sweep a second over the
 open connections, so a limit is enforced within a second of falling due.
@@ -24,7 +27,8 @@ import asyncio
 import weakref
 from typing import Any, ClassVar
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn._types import ASGI3Application, ASGISendEvent
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 SWEEP_SECONDS = 0.5
 _REFUSALS = {
@@ -81,6 +85,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._deadline = 0.0
         super().on_message_complete()
 
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        cycle.__class__ = _CoalescingCycle
+        super()._start_asgi_task(cycle, app)
+
     def check_deadline(self, now: float) -> None:
         if not self._deadline or now < self._deadline:
             return
@@ -106,6 +114,93 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             + body
         )
         self.transport.close()
+
+
+class _HeadCatcher:
+    """Stands in for the transport while uvicorn writes a response head."""
+
+    __slots__ = ("head",)
+
+    def __init__(self) -> None:
+        self.head = b""
+
+    def write(self, data: bytes) -> None:
+        self.head = data
+
+
+class _Prefixed:
+    """Stands in for the transport while uvicorn writes the first body message: the
+    held head goes out with the first write, or before a close."""
+
+    __slots__ = ("head", "transport")
+
+    def __init__(self, transport: asyncio.Transport, head: bytes) -> None:
+        self.transport = transport
+        self.head = head
+
+    def write(self, data: bytes) -> None:
+        head, self.head = self.head, b""
+        self.transport.write(head + data if len(data) <= _JOIN_LIMIT else head)
+        if len(data) > _JOIN_LIMIT:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def flush(self) -> None:
+        if self.head:
+            head, self.head = self.head, b""
+            self.transport.write(head)
+
+
+# A body up to this size is copied behind the head; a larger one is written on its own.
+_JOIN_LIMIT = 65536
+
+
+class _CoalescingCycle(RequestResponseCycle):
+    """uvicorn's request cycle, but the head waits for the first body message.
+
+    uvicorn writes the head when the app sends http.response.start and the body when it
+    sends http.response.body: two write(2) calls (and two segments) for every small
+    response, a tenth of a webhook's cost. Here uvicorn's own code builds and checks the
+    head as before, into a catcher; it is written with the first body bytes, or alone
+    before a close, or once the response completes without body bytes (HEAD).
+    """
+
+    _held = b""
+
+    async def send(self, message: ASGISendEvent) -> None:
+        transport = self.transport
+        # The stand-ins are only in place while uvicorn's send runs without pausing: with
+        # writing paused (a slow reader), it waits for the buffer to drain, as before.
+        if self.flow.write_paused:
+            if self._held:
+                transport.write(self._held)
+                self._held = b""
+            await super().send(message)
+            return
+        if message["type"] == "http.response.start" and not self.response_started:
+            catcher = _HeadCatcher()
+            self.transport = catcher  # type: ignore[assignment]
+            try:
+                await super().send(message)
+            finally:
+                self.transport = transport
+            self._held = catcher.head
+            return
+        if not self._held:
+            await super().send(message)
+            return
+        prefixed = _Prefixed(transport, self._held)
+        self._held = b""
+        self.transport = prefixed  # type: ignore[assignment]
+        try:
+            await super().send(message)
+        finally:
+            self.transport = transport
+            if not transport.is_closing():
+                prefixed.flush()
 
 
 class _Sweeper:

@@ -52,8 +52,13 @@ MAX_BATCH = 512
 # unindexed rows does it also run between groups. SEARCH_BATCH: index_search()'s step.
 SEARCH_IDLE_SECONDS = 0.05
 SEARCH_CHUNK = 500
-SEARCH_BACKLOG_MAX = 20_000
+# A search scans the unindexed rows one by one: 100k of them take ~13 ms, so a search
+# stays under 20 ms however far behind the index is, and a burst of up to this many
+# messages is indexed after it rather than during it.
+SEARCH_BACKLOG_MAX = 100_000
 SEARCH_BATCH = 2000
+# Page size of a database this service creates (see connect_sqlite).
+PAGE_SIZE = 2048
 # Past this size, the checkpointer makes the WAL start over (see _Checkpointer).
 WAL_RESTART_BYTES = 64 * 1024 * 1024
 # After a failed write, readiness wants this much room in the database and on its disk.
@@ -107,6 +112,10 @@ def connect_sqlite(
     # so that close() may run on another thread; each connection is used by one thread.
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    # For a new database only (an existing one keeps its size). Inserts land at random
+    # places in the indexes and each commit writes every page it touched to the WAL:
+    # 2 KB pages write a third less than the default 4 KB, for a tenth less CPU.
+    conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
     if path != ":memory:":
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal" and not readonly:
@@ -149,10 +158,12 @@ _INSERT_GROUP = (
     " FROM json_each(?1) ORDER BY key"
     " ON CONFLICT (message_id) DO NOTHING"
 )
-# Which ids of the group were new, when some were not: the rows this statement created
-# are the last `changes()` rowids (one statement allocates them consecutively, and the
-# transaction holds the write lock), read back as one JSON array in one call.
-_CREATED_SINCE = "SELECT json_group_array(message_id) FROM messages WHERE rowid > ?"
+# Which ids of the group were new, when some were not: the rows the statement created
+# are the `changes()` rowids up to its last one (it allocates them consecutively while it
+# holds the write lock), read back as one JSON array in one call.
+_CREATED_BETWEEN = (
+    "SELECT json_group_array(message_id) FROM messages WHERE rowid > ? AND rowid <= ?"
+)
 _COLUMNS = "message_id, from_msisdn, to_msisdn, ts, text, ts_key"
 
 
@@ -408,25 +419,20 @@ class _Writer(threading.Thread):
     def _insert_all(self, batch: list[_Insert]) -> list[bool]:
         conn = self.conn
         rows = json.dumps([job.row for job in batch], ensure_ascii=False)
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            cursor = conn.execute(_INSERT_GROUP, (rows, utc_now()))
-            inserted, last_rowid = cursor.rowcount, cursor.lastrowid or 0
-            if inserted == len(batch):
-                new_ids = None  # all new: the common case costs no extra statement
-            elif inserted == 0:
-                new_ids = set()
-            else:
-                noted = conn.execute(_CREATED_SINCE, (last_rowid - inserted,)).fetchone()[0]
-                new_ids = set(json.loads(noted))
-            conn.execute("COMMIT")
-        except BaseException:
-            _rollback(conn)
-            raise
+        # One statement outside any BEGIN: SQLite runs it as its own transaction, takes
+        # the write lock first and commits (fsync'd) before it returns. One call means
+        # one trip away from and back to the GIL instead of three (BEGIN, INSERT,
+        # COMMIT), and under load each trip back waits for the event loop to let go.
+        cursor = conn.execute(_INSERT_GROUP, (rows, utc_now()))
+        inserted, last_rowid = cursor.rowcount, cursor.lastrowid or 0
         if inserted > 0:
             self.search.last_rowid = last_rowid
-        if new_ids is None:
-            return [True] * len(batch)
+        if inserted == len(batch):
+            return [True] * len(batch)  # all new: the common case costs no more
+        if inserted == 0:
+            return [False] * len(batch)
+        noted = conn.execute(_CREATED_BETWEEN, (last_rowid - inserted, last_rowid)).fetchone()[0]
+        new_ids = set(json.loads(noted))
         # The first delivery of an id in the group is the one that created its row.
         created = []
         for job in batch:

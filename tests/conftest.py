@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from app.config import Settings
+from app.logging_utils import flush_logs
 from app.main import create_app
 from app.postgres_store import PostgresStore
 from app.signature import sign
@@ -95,6 +96,20 @@ class Client(TestClient):
 
 
 AppClient = Callable[..., Client]
+
+
+@pytest.fixture
+def capsys(capsys: pytest.CaptureFixture[str]) -> pytest.CaptureFixture[str]:
+    """pytest's capsys, with the JSON handler's waiting INFO lines written out before
+    every read: the service holds them up to FLUSH_SECONDS (see app.logging_utils)."""
+    read = capsys.readouterr
+
+    def flushed_read() -> Any:
+        flush_logs()
+        return read()
+
+    setattr(capsys, "readouterr", flushed_read)  # noqa: B010 - mypy: a method is read-only
+    return capsys
 
 
 @pytest.fixture

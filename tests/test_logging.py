@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from app.logging_utils import FLUSH_SECONDS, AccessLog, configure_logging
 from tests.conftest import SECRET, AppClient, message
 
 
@@ -14,6 +19,12 @@ def lines(captured: str) -> list[dict[str, Any]]:
     parsed = [json.loads(line) for line in captured.splitlines() if line.strip()]
     assert parsed
     return parsed
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    yield
+    configure_logging("INFO")  # back on stdout for whatever runs next
 
 
 def access_lines(captured: str) -> list[dict[str, Any]]:
@@ -104,3 +115,83 @@ def test_log_level_filters(capsys: pytest.CaptureFixture[str], make_client: AppC
     client.post_signed(message(), secret="wrong")
     logged = access_lines(capsys.readouterr().out)
     assert [line["status"] for line in logged] == [401]
+
+
+HOSTILE_VALUES = [
+    'quo"te\\back',
+    "line\nbreak\ttab\x01",
+    "separators \u2028 \u2029 \x85",
+    "héllo wörld ✓ 😀",
+    "",
+]
+
+
+@pytest.mark.parametrize("value", HOSTILE_VALUES)
+def test_the_fast_access_line_is_the_formatters_line(value: str) -> None:
+    stream = io.StringIO()
+    configure_logging("INFO", stream)
+    fields: dict[str, Any] = {
+        "request_id": "r1",
+        "method": "POST",
+        "path": "/x" + value,
+        "status": 422,
+        "latency_ms": 0.125,
+        "message_id": value,
+        "dup": False,
+        "result": None,
+    }
+    logging.getLogger("app.access").log(logging.WARNING, "request", extra=fields)
+    AccessLog("app.access").write(logging.WARNING, fields)
+    slow, fast = stream.getvalue().split("\n")[:2]
+    # The same bytes after the timestamp, and one line each however hostile the values.
+    assert fast[30:] == slow[30:]
+    assert len(stream.getvalue().splitlines()) == 2
+    assert json.loads(fast) | {"ts": None} == json.loads(slow) | {"ts": None}
+    assert json.loads(fast)["message_id"] == value
+
+
+def test_access_lines_wait_and_other_lines_take_them_out_in_order() -> None:
+    stream = io.StringIO()
+    configure_logging("INFO", stream)
+    access = AccessLog("app.access")
+    access.write(logging.INFO, {"request_id": "first"})
+    access.write(logging.INFO, {"request_id": "second"})
+    assert stream.getvalue() == ""  # held for up to FLUSH_SECONDS
+    logging.getLogger("app").info("something else")
+    logged = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line.get("request_id", line["msg"]) for line in logged] == [
+        "first",
+        "second",
+        "something else",
+    ]
+    access.write(logging.WARNING, {"request_id": "urgent"})
+    assert json.loads(stream.getvalue().splitlines()[-1])["request_id"] == "urgent"
+
+
+def test_access_lines_reach_the_stream_within_the_flush_interval() -> None:
+    stream = io.StringIO()
+    configure_logging("INFO", stream)
+    AccessLog("app.access").write(logging.INFO, {"request_id": "later"})
+    deadline = time.monotonic() + 10 * FLUSH_SECONDS
+    while not stream.getvalue() and time.monotonic() < deadline:
+        time.sleep(FLUSH_SECONDS / 4)
+    assert json.loads(stream.getvalue())["request_id"] == "later"
+
+
+def test_a_logging_setup_that_is_not_ours_gets_the_access_line_as_a_record() -> None:
+    configure_logging("INFO", io.StringIO())
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    logger = logging.getLogger("app.access")
+    keep = Keep()
+    logger.addHandler(keep)
+    try:
+        AccessLog("app.access").write(logging.INFO, {"request_id": "r9", "status": 200})
+    finally:
+        logger.removeHandler(keep)
+    (record,) = seen
+    assert (record.getMessage(), record.request_id, record.status) == ("request", "r9", 200)  # type: ignore[attr-defined]

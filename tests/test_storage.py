@@ -13,7 +13,7 @@ import pytest
 from app.migrations import apply_sqlite_schema, split_statements
 from app.models import ListQuery, Message, instant_key
 from app.postgres_store import PostgresStore
-from app.storage import SQLiteStore, init_sqlite
+from app.storage import PAGE_SIZE, SQLiteStore, init_sqlite
 from tests.postgres import PostgresCluster
 
 AnyStore = SQLiteStore | PostgresStore
@@ -158,3 +158,18 @@ async def test_one_group_with_new_repeated_and_stored_ids(store: SQLiteStore) ->
     page = await store.list_messages(ListQuery())
     assert sorted(m.message_id for m in page.data) == ["a", "b", "c", "stored"]
     assert (await store.stats()).total_messages == 4
+
+
+async def test_new_databases_get_small_pages_and_old_ones_keep_theirs(tmp_path: Path) -> None:
+    old = tmp_path / "old.db"
+    with sqlite3.connect(old) as conn:
+        conn.execute("PRAGMA page_size = 4096")
+        conn.execute("CREATE TABLE unrelated (x)")
+    for path, size in [(tmp_path / "new.db", PAGE_SIZE), (old, 4096)]:
+        store = await SQLiteStore.open(str(path))
+        try:
+            assert await store.insert(msg("a")) is True
+            assert await store.query("PRAGMA page_size") == [(size,)]
+            assert (await store.list_messages(ListQuery())).total == 1
+        finally:
+            await store.close()

@@ -1,0 +1,146 @@
+"""The server protocol of `python -m app serve` (app.server), driven in process with a
+transport that records every write: what reaches the socket, and in how many calls."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from app.server import guarded_protocol
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class RecordingTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 50000)}.get(
+            name, default
+        )
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def small(scope: Any, receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    await receive()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", b"15")],
+        }
+    )
+    await send({"type": "http.response.body", "body": b'{"status":"ok"}'})
+
+
+async def streamed(scope: Any, receive: Any, send: Any) -> None:
+    await receive()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"first", "more_body": True})
+    await send({"type": "http.response.body", "body": b"second", "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def no_content(scope: Any, receive: Any, send: Any) -> None:
+    await receive()
+    await send({"type": "http.response.start", "status": 204, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+GUARDED = guarded_protocol(max_head_bytes=65536, head_timeout=10, body_timeout=30)
+
+
+async def exchange(
+    app: Any, request: bytes, protocol_class: type[HttpToolsProtocol] = GUARDED
+) -> RecordingTransport:
+    config = Config(app=app, lifespan="off", log_config=None, server_header=False)
+    protocol = protocol_class(config=config, server_state=ServerState(), app_state={})
+    transport = RecordingTransport()
+    protocol.connection_made(transport)
+    protocol.data_received(request)
+    for _ in range(200):
+        if protocol.cycle is not None and protocol.cycle.response_complete:
+            break
+        await asyncio.sleep(0)
+    protocol.connection_lost(None)
+    return transport
+
+
+POST = b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+
+
+async def test_a_small_response_leaves_in_one_write() -> None:
+    transport = await exchange(small, POST)
+    (only,) = transport.writes
+    assert only.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert only.endswith(b'\r\n\r\n{"status":"ok"}')
+    assert b"content-length: 15\r\n" in only
+
+
+async def test_plain_uvicorn_writes_head_and_body_apart() -> None:
+    # What the guarded protocol saves, and the check above would see it come back.
+    transport = await exchange(small, POST, HttpToolsProtocol)
+    assert len(transport.writes) == 2
+
+
+async def test_a_streamed_body_keeps_its_chunks_in_order() -> None:
+    transport = await exchange(streamed, POST)
+    everything = b"".join(transport.writes)
+    assert everything.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert everything.endswith(b"5\r\nfirst\r\n6\r\nsecond\r\n0\r\n\r\n")
+    assert transport.writes[0].endswith(b"\r\n\r\n5\r\nfirst\r\n")  # head with the first chunk
+
+
+async def test_head_requests_and_empty_bodies_still_get_their_head() -> None:
+    head = await exchange(small, b"HEAD /webhook HTTP/1.1\r\nHost: x\r\n\r\n")
+    (only,) = head.writes
+    assert only.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert only.endswith(b"\r\n\r\n")
+    empty = await exchange(no_content, POST)
+    (only,) = empty.writes
+    assert only.startswith(b"HTTP/1.1 204 No Content\r\n")
+
+
+async def test_connection_close_writes_the_response_before_closing() -> None:
+    transport = await exchange(
+        small,
+        b"POST /webhook HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}",
+    )
+    (only,) = transport.writes
+    assert only.endswith(b'{"status":"ok"}')
+    assert transport.closed
+
+
+async def test_keep_alive_serves_the_next_request_the_same_way() -> None:
+    transport = await exchange(small, POST + POST)
+    assert len(transport.writes) == 2
+    assert all(w.endswith(b'{"status":"ok"}') for w in transport.writes)
