@@ -66,9 +66,10 @@ run: $(STAMP)
 	@./scripts/ensure-env
 	DATABASE_URL=$${DATABASE_URL:-sqlite:///./data/app.db} ./scripts/with-env $(BIN)/python -m app serve --host $(HOST) --port $(PORT)
 
-# Benchmarks (see README, Performance): this service beside a naive reference and a
-# raw-ASGI floor, then the service at a million rows. About 15 minutes; bench-quick ~3.
-BENCH_ARGS ?= --passes 3 --million
+# Benchmarks (see README, Performance): this service beside a naive reference and two
+# raw-ASGI floors, then the service at a million rows, then SQLite beside PostgreSQL
+# with one and two API processes. About 30 minutes; bench-quick ~3.
+BENCH_ARGS ?= --passes 3 --million --scale-out
 bench: $(STAMP) wrk
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 

@@ -152,6 +152,9 @@ def run_server(host: str, port: int) -> int:
             body_timeout=settings.http_body_timeout_seconds,
         ),
         server_header=False,
+        # Our middleware writes the access line; uvicorn's own would cost the arguments
+        # of a disabled log call on every response.
+        access_log=False,
         # Client addresses are never used or logged, so X-Forwarded-* need no parsing.
         proxy_headers=False,
         timeout_keep_alive=5,

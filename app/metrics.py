@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from bisect import bisect_left
+from collections.abc import Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
-    Histogram,
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 WEBHOOK_RESULTS = (
     "created",
@@ -40,6 +43,60 @@ UNMATCHED_PATH = "unmatched"
 LATENCY_BUCKETS_MS = (0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 
 
+class _RequestCounts(Collector):
+    """The metrics every request moves, as plain numbers, turned into families on scrape.
+
+    prometheus_client's Counter and Histogram take a lock for each increment, and a
+    webhook made four of them. These numbers are only ever changed on the event loop's
+    thread, one change at a time, so they need no lock; a scrape reads them as they are.
+    """
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, int], int] = {}
+        self.results = dict.fromkeys(WEBHOOK_RESULTS, 0)
+        self.keys = [0] * len(SIGNATURE_KEYS)
+        # Per bucket, not cumulative: observing adds to one; the +Inf bucket is last.
+        self.latency_counts = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+        self.latency_sum = 0.0
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "http_requests",
+            "HTTP requests by route template and status code.",
+            labels=["path", "status"],
+        )
+        for (path, status), count in self.requests.items():
+            requests.add_metric([path, str(status)], count)
+        yield requests
+        results = CounterMetricFamily(
+            "webhook_requests", "POST /webhook outcomes.", labels=["result"]
+        )
+        for result, count in self.results.items():
+            results.add_metric([result], count)
+        yield results
+        cumulative = 0
+        buckets = []
+        for bound, count in zip(
+            [*map(floatToGoString, LATENCY_BUCKETS_MS), "+Inf"], self.latency_counts, strict=True
+        ):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        yield HistogramMetricFamily(
+            "request_latency_ms",
+            "Time from request start to the end of the response, in milliseconds.",
+            buckets=buckets,
+            sum_value=self.latency_sum,
+        )
+        keys = CounterMetricFamily(
+            "webhook_signature_key",
+            "Accepted webhook signatures by the key that verified them.",
+            labels=["key"],
+        )
+        for key, count in zip(SIGNATURE_KEYS, self.keys, strict=True):
+            keys.add_metric([key], count)
+        yield keys
+
+
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
@@ -47,30 +104,8 @@ class Metrics:
         # `_created` timestamps double the exposition for no use here.
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry()
-        self.http_requests = Counter(
-            "http_requests_total",
-            "HTTP requests by route template and status code.",
-            ["path", "status"],
-            registry=self.registry,
-        )
-        self.webhook_requests = Counter(
-            "webhook_requests_total",
-            "POST /webhook outcomes.",
-            ["result"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "request_latency_ms",
-            "Time from request start to the end of the response, in milliseconds.",
-            buckets=LATENCY_BUCKETS_MS,
-            registry=self.registry,
-        )
-        self.signature_keys = Counter(
-            "webhook_signature_key_total",
-            "Accepted webhook signatures by the key that verified them.",
-            ["key"],
-            registry=self.registry,
-        )
+        self._counts = _RequestCounts()
+        self.registry.register(self._counts)
         self.whatsapp_requests = Counter(
             "whatsapp_requests_total",
             "POST /webhook/whatsapp outcomes, one per batch.",
@@ -89,9 +124,6 @@ class Metrics:
             ["status"],
             registry=self.registry,
         )
-        # Children looked up once: labels() takes a lock and builds a key every call.
-        self._results = {r: self.webhook_requests.labels(result=r) for r in WEBHOOK_RESULTS}
-        self._keys = [self.signature_keys.labels(key=k) for k in SIGNATURE_KEYS]
         # Created now, so that every line exists from start-up at 0.
         for result in WHATSAPP_RESULTS:
             self.whatsapp_requests.labels(result=result)
@@ -99,23 +131,20 @@ class Metrics:
             self.whatsapp_messages.labels(result=result)
         for status in WHATSAPP_STATUSES:
             self.whatsapp_statuses.labels(status=status)
-        self._requests: dict[tuple[str, int], Any] = {}
 
     def observe_request(self, path: str, status: int, latency_ms: float) -> None:
-        child = self._requests.get((path, status))
-        if child is None:
-            child = self._requests[(path, status)] = self.http_requests.labels(
-                path=path, status=str(status)
-            )
-        child.inc()
-        self.latency.observe(latency_ms)
+        counts = self._counts
+        key = (path, status)
+        counts.requests[key] = counts.requests.get(key, 0) + 1
+        counts.latency_counts[bisect_left(LATENCY_BUCKETS_MS, latency_ms)] += 1
+        counts.latency_sum += latency_ms
 
     def webhook(self, result: str) -> None:
-        self._results[result].inc()
+        self._counts.results[result] += 1
 
     def signature_key(self, index: int) -> None:
         """Count a delivery verified by key `index` (0: current, 1: previous)."""
-        self._keys[min(index, len(self._keys) - 1)].inc()
+        self._counts.keys[min(index, len(SIGNATURE_KEYS) - 1)] += 1
 
     def whatsapp(self, result: str) -> None:
         self.whatsapp_requests.labels(result=result).inc()

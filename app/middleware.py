@@ -9,7 +9,6 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -27,6 +26,8 @@ _EXTRA_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"cache-control", b"no-store"),
 ]
+# After content-length and x-request-id, on every direct handler's answer.
+_DIRECT_HEADERS = ((b"content-type", b"application/json"), *_EXTRA_HEADERS)
 _GENERIC_500 = b'{"detail":"internal server error"}'
 _LONG_NUMBER = re.compile(r"[0-9]{6,}")
 
@@ -42,6 +43,9 @@ class RequestInfo:
     dup: bool | None = None
     result: str | None = None
     error: bool = False
+    # The response's status once known; 500 until then (an error before any answer).
+    status: int = 500
+    response_started: bool = False
 
 
 # A direct handler answers a request whole, as (status, JSON body, extra headers), and
@@ -79,35 +83,22 @@ class ObservabilityMiddleware:
         )
         info = scope[_SCOPE_KEY] = RequestInfo(request_id)
         encoded_id = request_id.encode("ascii")
-        status = 500
-        response_started = False
-
-        async def send_with_headers(message: Message) -> None:
-            nonlocal status, response_started
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                response_started = True
-                headers = list(message.get("headers", ()))
-                headers.append((b"x-request-id", encoded_id))
-                headers.extend(_EXTRA_HEADERS)
-                message = {**message, "headers": headers}
-            await send(message)
-
+        handler = self.direct.get(scope["path"])
         try:
-            handler = self.direct.get(scope["path"])
             if handler is None:
-                await self.app(scope, receive, send_with_headers)
+                await self.app(scope, receive, _HeaderAdder(send, info, encoded_id).send)
             else:
                 info.route = scope["path"]
-                status, body, headers = await handler(scope, receive)
-                response_started = True
+                info.status, body, headers = await handler(scope, receive)
+                info.response_started = True
                 headers += (
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
+                    (b"content-length", b"%d" % len(body)),
                     (b"x-request-id", encoded_id),
-                    *_EXTRA_HEADERS,
+                    *_DIRECT_HEADERS,
                 )
-                await send({"type": "http.response.start", "status": status, "headers": headers})
+                await send(
+                    {"type": "http.response.start", "status": info.status, "headers": headers}
+                )
                 await send({"type": "http.response.body", "body": body})
         except Exception as exc:
             # Logged with its frames but not its message, answered generically, and not
@@ -117,15 +108,15 @@ class ObservabilityMiddleware:
                 exc_info=(type(exc), exc, exc.__traceback__),
                 extra={"request_id": request_id},
             )
-            status = 500
-            if not response_started:
-                await send_with_headers(
+            info.status = 500
+            if not info.response_started:
+                await _HeaderAdder(send, info, encoded_id).send(
                     {
                         "type": "http.response.start",
                         "status": 500,
                         "headers": [
                             (b"content-type", b"application/json"),
-                            (b"content-length", str(len(_GENERIC_500)).encode()),
+                            (b"content-length", b"%d" % len(_GENERIC_500)),
                         ],
                     }
                 )
@@ -133,8 +124,29 @@ class ObservabilityMiddleware:
         finally:
             latency_ms = (time.perf_counter() - started) * 1000
             path_label = info.route or getattr(scope.get("route"), "path", None) or UNMATCHED_PATH
-            self.metrics.observe_request(path_label, status, latency_ms)
-            _log_access(scope, info, status, latency_ms, path_label == UNMATCHED_PATH)
+            self.metrics.observe_request(path_label, info.status, latency_ms)
+            _log_access(scope, info, info.status, latency_ms, path_label == UNMATCHED_PATH)
+
+
+class _HeaderAdder:
+    """The `send` given to the wrapped app: adds our headers, notes the status."""
+
+    __slots__ = ("encoded_id", "info", "inner")
+
+    def __init__(self, inner: Send, info: RequestInfo, encoded_id: bytes) -> None:
+        self.inner = inner
+        self.info = info
+        self.encoded_id = encoded_id
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.info.status = message["status"]
+            self.info.response_started = True
+            headers = list(message.get("headers", ()))
+            headers.append((b"x-request-id", self.encoded_id))
+            headers.extend(_EXTRA_HEADERS)
+            message = {**message, "headers": headers}
+        await self.inner(message)
 
 
 def _incoming_request_id(scope: Scope) -> str | None:
@@ -162,17 +174,15 @@ def _log_access(
         level = logging.INFO
     if not access_log.enabled(level):
         return
-    fields: dict[str, Any] = {
-        "request_id": info.request_id,
-        "method": scope["method"],
+    path = scope["path"][:256]
+    access_log.request(
+        level,
+        info.request_id,
+        scope["method"],
         # The path only: the query string can carry search terms and phone numbers. So can
         # a path that matched no route (/messages/+919876543210): long numbers are masked.
-        "path": _mask_numbers(scope["path"][:256]) if unmatched else scope["path"][:256],
-        "status": status,
-        "latency_ms": round(latency_ms, 3),
-    }
-    if info.result is not None:
-        fields["message_id"] = info.message_id
-        fields["dup"] = bool(info.dup)
-        fields["result"] = info.result
-    access_log.write(level, fields)
+        _mask_numbers(path) if unmatched else path,
+        status,
+        round(latency_ms, 3),
+        None if info.result is None else (info.message_id, bool(info.dup), info.result),
+    )

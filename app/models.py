@@ -64,6 +64,12 @@ def instant_key(value: str) -> str:
     return f"{value[:19]}.{(fraction or '').ljust(9, '0')}Z"
 
 
+def valid_instant_key(value: str) -> str:
+    """instant_key() of a `ts` that has already passed validation, without checking again."""
+    fraction = value[20:-1]  # "" without a fraction
+    return f"{value[:19]}.{fraction.ljust(9, '0')}Z"
+
+
 def check_instant(value: str) -> str:
     instant_key(value)
     return value

@@ -1,9 +1,17 @@
 """The floor: the least a Python ASGI server can do for a durable, verified webhook.
 
 Raw ASGI (no framework), the same checks as the service (HMAC over the raw bytes, strict
-JSON, E.164 and timestamp rules), and the same durable group commit into SQLite (WAL,
-synchronous=FULL, one writer thread). No logs, no metrics, no request ids: what is left
-is the cost of the work itself, which the service is measured against.
+JSON, E.164 and timestamp rules), and the same durable insert with group commit: the
+service's own store (app.storage.SQLiteStore: one writer thread, rows handed over once
+per event-loop turn, one statement per group, the same schema with its indexes and the
+triggers that keep /stats's aggregates in the inserting transaction, WAL with
+synchronous=FULL, the search index filled behind). No framework, middleware, logs,
+metrics or request ids: what is left is the cost of the work itself, and the service is
+measured against it.
+
+FLOOR_SCHEMA=bare runs the first version of this floor instead: a table with its primary
+key and nothing else, a row per `execute` in its own writer thread. It does less work
+than the service (no aggregates, no indexes, no search), and is kept to show by how much.
 
     uvicorn --factory bench.floor:create_app
 """
@@ -21,6 +29,9 @@ import sqlite3
 import threading
 from datetime import UTC, datetime
 from typing import Any
+
+from app.models import Message
+from app.storage import SQLiteStore
 
 E164 = re.compile(r"\+[1-9][0-9]{1,14}")
 TS = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,9})?Z")
@@ -48,7 +59,10 @@ def valid(data: Any) -> bool:
     return text is None or (isinstance(text, str) and len(text) <= 4096)
 
 
-class Writer(threading.Thread):
+BARE_INSERT = "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+
+
+class BareWriter(threading.Thread):
     def __init__(self, path: str, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(daemon=True)
         self.jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -58,9 +72,14 @@ class Writer(threading.Thread):
         self.conn.execute("PRAGMA synchronous = FULL")
         self.conn.execute(
             "CREATE TABLE IF NOT EXISTS messages (message_id TEXT PRIMARY KEY,"
-            " from_msisdn TEXT NOT NULL, to_msisdn TEXT NOT NULL, ts TEXT NOT NULL, text TEXT,"
-            " created_at TEXT NOT NULL)"
+            " from_msisdn TEXT NOT NULL, to_msisdn TEXT NOT NULL, ts TEXT NOT NULL,"
+            " text TEXT, created_at TEXT NOT NULL)"
         )
+
+    async def insert(self, row: tuple[Any, ...]) -> None:
+        future: asyncio.Future[int] = self.loop.create_future()
+        self.jobs.put((row, future))
+        await future
 
     def run(self) -> None:
         while True:
@@ -73,14 +92,7 @@ class Writer(threading.Thread):
             now = datetime.now(UTC).isoformat()
             self.conn.execute("BEGIN IMMEDIATE")
             done = [
-                (
-                    fut,
-                    self.conn.execute(
-                        "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                        (*row, now),
-                    ).rowcount,
-                )
-                for row, fut in batch
+                (fut, self.conn.execute(BARE_INSERT, (*row, now)).rowcount) for row, fut in batch
             ]
             self.conn.execute("COMMIT")
             self.loop.call_soon_threadsafe(settle, done)
@@ -95,7 +107,8 @@ def settle(done: list[tuple[asyncio.Future[int], int]]) -> None:
 def create_app() -> Any:
     secret = os.environ["WEBHOOK_SECRET"].encode()
     path = os.environ.get("DATABASE_URL", "sqlite:///./floor.db").removeprefix("sqlite:///")
-    state: dict[str, Writer] = {}
+    bare = os.environ.get("FLOOR_SCHEMA", "service") == "bare"
+    state: dict[str, Any] = {}
 
     async def reply(send: Any, status: int, body: bytes, request_id: bytes = b"") -> None:
         headers = [(b"content-type", b"application/json"), (b"x-request-id", request_id)]
@@ -107,10 +120,15 @@ def create_app() -> Any:
             while True:
                 message = await receive()
                 if message["type"] == "lifespan.startup":
-                    state["writer"] = Writer(path, asyncio.get_running_loop())
-                    state["writer"].start()
+                    if bare:
+                        state["bare"] = BareWriter(path, asyncio.get_running_loop())
+                        state["bare"].start()
+                    else:
+                        state["store"] = await SQLiteStore.open(path)
                     await send({"type": "lifespan.startup.complete"})
                 else:
+                    if not bare:
+                        await state["store"].close()
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         body = b""
@@ -135,10 +153,19 @@ def create_app() -> Any:
         if not valid(data):
             await reply(send, 422, b'{"detail":"invalid message"}')
             return
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        row = (data["message_id"], data["from"], data["to"], data["ts"], data.get("text"))
-        state["writer"].jobs.put((row, fut))
-        await fut
+        if bare:
+            row = (data["message_id"], data["from"], data["to"], data["ts"], data.get("text"))
+            await state["bare"].insert(row)
+        else:
+            await state["store"].insert(
+                Message.model_construct(
+                    message_id=data["message_id"],
+                    from_=data["from"],
+                    to=data["to"],
+                    ts=data["ts"],
+                    text=data.get("text"),
+                )
+            )
         # X-Request-ID is echoed so the benchmark can tell which deliveries were acknowledged.
         await reply(send, 200, b'{"status":"ok"}', headers.get(b"x-request-id", b""))
 

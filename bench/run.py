@@ -76,6 +76,10 @@ VARIANTS = {
         queries=False,
     ),
 }
+# The first floor: no aggregates and no index beyond the primary key (see bench/floor.py).
+VARIANTS["floor-bare"] = Variant(
+    "floor-bare", VARIANTS["floor"].argv, log=False, queries=False, env={"FLOOR_SCHEMA": "bare"}
+)
 
 
 @dataclass
@@ -562,14 +566,19 @@ def fmt(value: float | None, digits: int = 0) -> str:
 def report(table: Table, variants: list[str]) -> list[str]:
     lines = []
     header = f"{'load':<40}" + "".join(f"{name + ' req/s':>15}" for name in variants)
-    header += "".join(f"{name[:5] + ' cpu us':>13}" for name in variants)
+    header += "".join(f"{name[:10] + ' cpu us':>18}" for name in variants)
     header += f"{'svc p50 ms':>11}{'svc p99 ms':>11}{'svc srv ms':>11}"
     ratios = [
         (a, b)
-        for a, b in (("service", "naive"), ("service", "floor"), ("quiet", "floor"))
+        for a, b in (
+            ("service", "naive"),
+            ("service", "floor"),
+            ("quiet", "floor"),
+            ("service", "floor-bare"),
+        )
         if a in variants and b in variants
     ]
-    header += "".join(f"{a[:3]}/{b:>6}".rjust(13) for a, b in ratios)
+    header += "".join(f"{a[:3]}/{b}".rjust(15) for a, b in ratios)
     lines.append(header)
     labels = list(dict.fromkeys(label for label, _ in table.rows))
     for label in labels:
@@ -577,13 +586,13 @@ def report(table: Table, variants: list[str]) -> list[str]:
         for name in variants:
             line += f"{fmt(table.median(label, name, 'rps')):>15}"
         for name in variants:
-            line += f"{fmt(table.median(label, name, 'cpu_us'), 1):>13}"
+            line += f"{fmt(table.median(label, name, 'cpu_us'), 1):>18}"
         line += f"{fmt(table.median(label, 'service', 'p50_ms'), 2):>11}"
         line += f"{fmt(table.median(label, 'service', 'p99_ms'), 2):>11}"
         line += f"{fmt(table.median(label, 'service', 'server_ms'), 3):>11}"
         for a, b in ratios:
             top, bottom = table.median(label, a, "rps"), table.median(label, b, "rps")
-            line += f"{top / bottom:>12.2f}x" if top and bottom else f"{'-':>13}"
+            line += f"{top / bottom:>14.2f}x" if top and bottom else f"{'-':>15}"
         lines.append(line)
     return lines
 
@@ -602,7 +611,7 @@ def main() -> int:
         action="store_true",
         help="also SQLite beside PostgreSQL with 1 and 2 API processes",
     )
-    parser.add_argument("--variants", default="service,naive,floor")
+    parser.add_argument("--variants", default="service,naive,floor,floor-bare")
     parser.add_argument("--skip", default="", help="comma list: ingest,queries")
     args = parser.parse_args()
     args.variants = args.variants.split(",")

@@ -138,10 +138,12 @@ def test_the_fast_access_line_is_the_formatters_line(value: str) -> None:
         "latency_ms": 0.125,
         "message_id": value,
         "dup": False,
-        "result": None,
+        "result": value,
     }
     logging.getLogger("app.access").log(logging.WARNING, "request", extra=fields)
-    AccessLog("app.access").write(logging.WARNING, fields)
+    AccessLog("app.access").request(
+        logging.WARNING, "r1", "POST", "/x" + value, 422, 0.125, (value, False, value)
+    )
     slow, fast = stream.getvalue().split("\n")[:2]
     # The same bytes after the timestamp, and one line each however hostile the values.
     assert fast[30:] == slow[30:]
@@ -150,12 +152,33 @@ def test_the_fast_access_line_is_the_formatters_line(value: str) -> None:
     assert json.loads(fast)["message_id"] == value
 
 
+@pytest.mark.parametrize("outcome", [None, (None, True, "duplicate"), ("m1", False, "created")])
+def test_the_fast_access_line_is_the_formatters_line_for_every_outcome(
+    outcome: tuple[str | None, bool, str] | None,
+) -> None:
+    stream = io.StringIO()
+    configure_logging("INFO", stream)
+    fields: dict[str, Any] = {
+        "request_id": "r1",
+        "method": "GET",
+        "path": "/stats",
+        "status": 200,
+        "latency_ms": 12.5,
+    }
+    if outcome is not None:
+        fields.update(zip(("message_id", "dup", "result"), outcome, strict=True))
+    logging.getLogger("app.access").log(logging.ERROR, "request", extra=fields)
+    AccessLog("app.access").request(logging.ERROR, "r1", "GET", "/stats", 200, 12.5, outcome)
+    slow, fast = stream.getvalue().splitlines()
+    assert fast[30:] == slow[30:]
+
+
 def test_access_lines_wait_and_other_lines_take_them_out_in_order() -> None:
     stream = io.StringIO()
     configure_logging("INFO", stream)
     access = AccessLog("app.access")
-    access.write(logging.INFO, {"request_id": "first"})
-    access.write(logging.INFO, {"request_id": "second"})
+    access.request(logging.INFO, "first", "GET", "/", 200, 0.1)
+    access.request(logging.INFO, "second", "GET", "/", 200, 0.1)
     assert stream.getvalue() == ""  # held for up to FLUSH_SECONDS
     logging.getLogger("app").info("something else")
     logged = [json.loads(line) for line in stream.getvalue().splitlines()]
@@ -164,14 +187,14 @@ def test_access_lines_wait_and_other_lines_take_them_out_in_order() -> None:
         "second",
         "something else",
     ]
-    access.write(logging.WARNING, {"request_id": "urgent"})
+    access.request(logging.WARNING, "urgent", "GET", "/", 404, 0.1)
     assert json.loads(stream.getvalue().splitlines()[-1])["request_id"] == "urgent"
 
 
 def test_access_lines_reach_the_stream_within_the_flush_interval() -> None:
     stream = io.StringIO()
     configure_logging("INFO", stream)
-    AccessLog("app.access").write(logging.INFO, {"request_id": "later"})
+    AccessLog("app.access").request(logging.INFO, "later", "GET", "/", 200, 0.1)
     deadline = time.monotonic() + 10 * FLUSH_SECONDS
     while not stream.getvalue() and time.monotonic() < deadline:
         time.sleep(FLUSH_SECONDS / 4)
@@ -190,8 +213,11 @@ def test_a_logging_setup_that_is_not_ours_gets_the_access_line_as_a_record() -> 
     keep = Keep()
     logger.addHandler(keep)
     try:
-        AccessLog("app.access").write(logging.INFO, {"request_id": "r9", "status": 200})
+        AccessLog("app.access").request(
+            logging.INFO, "r9", "GET", "/", 200, 0.1, ("m", True, "duplicate")
+        )
     finally:
         logger.removeHandler(keep)
     (record,) = seen
-    assert (record.getMessage(), record.request_id, record.status) == ("request", "r9", 200)  # type: ignore[attr-defined]
+    fields = (record.getMessage(), record.request_id, record.status, record.dup)  # type: ignore[attr-defined]
+    assert fields == ("request", "r9", 200, True)

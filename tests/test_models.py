@@ -11,7 +11,9 @@ from app.models import (
     encode_cursor,
     instant_key,
     parse_message,
+    valid_instant_key,
 )
+from tests.conftest import encode, message
 
 
 @pytest.mark.parametrize(
@@ -24,6 +26,7 @@ from app.models import (
 )
 def test_instant_key_is_fixed_width(ts: str, key: str) -> None:
     assert instant_key(ts) == key
+    assert valid_instant_key(parse_message(encode(message(ts=ts))).ts) == key
 
 
 def test_instant_keys_sort_as_instants() -> None:

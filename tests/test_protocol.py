@@ -79,18 +79,32 @@ async def no_content(scope: Any, receive: Any, send: Any) -> None:
 GUARDED = guarded_protocol(max_head_bytes=65536, head_timeout=10, body_timeout=30)
 
 
-async def exchange(
+async def serve(
     app: Any, request: bytes, protocol_class: type[HttpToolsProtocol] = GUARDED
-) -> RecordingTransport:
-    config = Config(app=app, lifespan="off", log_config=None, server_header=False)
+) -> tuple[HttpToolsProtocol, RecordingTransport]:
+    config = Config(
+        app=app, lifespan="off", log_config=None, server_header=False, timeout_keep_alive=5
+    )
     protocol = protocol_class(config=config, server_state=ServerState(), app_state={})
     transport = RecordingTransport()
     protocol.connection_made(transport)
     protocol.data_received(request)
+    await answered(protocol)
+    return protocol, transport
+
+
+async def answered(protocol: HttpToolsProtocol) -> None:
     for _ in range(200):
         if protocol.cycle is not None and protocol.cycle.response_complete:
-            break
+            return
         await asyncio.sleep(0)
+    raise AssertionError("no response")
+
+
+async def exchange(
+    app: Any, request: bytes, protocol_class: type[HttpToolsProtocol] = GUARDED
+) -> RecordingTransport:
+    protocol, transport = await serve(app, request, protocol_class)
     protocol.connection_lost(None)
     return transport
 
@@ -144,3 +158,28 @@ async def test_keep_alive_serves_the_next_request_the_same_way() -> None:
     transport = await exchange(small, POST + POST)
     assert len(transport.writes) == 2
     assert all(w.endswith(b'{"status":"ok"}') for w in transport.writes)
+
+
+async def test_an_idle_connection_is_closed_after_the_keep_alive_timeout() -> None:
+    protocol, transport = await serve(small, POST)
+    assert isinstance(protocol, GUARDED)
+    now = asyncio.get_running_loop().time()
+    protocol.check_deadline(now + 4)
+    assert not transport.closed
+    protocol.check_deadline(now + 6)
+    assert transport.closed
+    assert len(transport.writes) == 1  # closed quietly: no 408 for an idle connection
+    # uvicorn arms no keep-alive timer of its own here: the sweep is the only one.
+    assert protocol.timeout_keep_alive_task is None
+
+
+async def test_a_request_after_a_pause_gets_the_full_head_timeout() -> None:
+    protocol, transport = await serve(small, POST)
+    assert isinstance(protocol, GUARDED)
+    now = asyncio.get_running_loop().time()
+    protocol.data_received(b"POST /webhook HTTP/1.1\r\nHost: x\r\n")  # a head, begun
+    protocol.check_deadline(now + 6)  # past the keep-alive timeout: not idle any more
+    assert not transport.closed
+    protocol.check_deadline(now + 11)  # past the head timeout
+    assert transport.closed
+    assert transport.writes[-1].startswith(b"HTTP/1.1 408 ")
