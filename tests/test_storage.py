@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from app import storage
 from app.migrations import apply_sqlite_schema, split_statements
 from app.models import ListQuery, Message, instant_key
 from app.postgres_store import PostgresStore
@@ -173,3 +174,34 @@ async def test_new_databases_get_small_pages_and_old_ones_keep_theirs(tmp_path: 
             assert (await store.list_messages(ListQuery())).total == 1
         finally:
             await store.close()
+
+
+async def wal_restarts_under_nonstop_load(path: Path, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Insert with 32 senders that never pause; how often the WAL started over."""
+    monkeypatch.setattr(storage, "CHECKPOINT_INTERVAL_SECONDS", 0.02)
+    store = await SQLiteStore.open(str(path))
+    try:
+
+        async def sender(k: int) -> None:
+            for i in range(600):
+                await store.insert(msg(f"{k}-{i}", text="x" * 300))
+
+        await asyncio.gather(*(sender(k) for k in range(32)))
+        wal = path.with_name(path.name + "-wal")
+        # The WAL header's checkpoint sequence number counts the times the log started over.
+        with wal.open("rb") as log:
+            return int.from_bytes(log.read(16)[12:], "big")
+    finally:
+        await store.close()
+
+
+async def test_the_wal_starts_over_under_a_load_that_never_pauses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(storage, "WAL_RESTART_BYTES", 256 * 1024)
+    restarts = await wal_restarts_under_nonstop_load(tmp_path / "shipped.db", monkeypatch)
+    # Broken on purpose: PASSIVE checkpoints only, the log is never made to start over.
+    monkeypatch.setattr(storage, "WAL_RESTART_BYTES", 1 << 62)
+    broken_restarts = await wal_restarts_under_nonstop_load(tmp_path / "broken.db", monkeypatch)
+    assert restarts >= 5
+    assert broken_restarts <= 1
