@@ -565,7 +565,7 @@ def fmt(value: float | None, digits: int = 0) -> str:
 
 def report(table: Table, variants: list[str]) -> list[str]:
     lines = []
-    header = f"{'load':<40}" + "".join(f"{name + ' req/s':>15}" for name in variants)
+    header = f"{'load':<40}" + "".join(f"{name + ' req/s':>18}" for name in variants)
     header += "".join(f"{name[:10] + ' cpu us':>18}" for name in variants)
     header += f"{'svc p50 ms':>11}{'svc p99 ms':>11}{'svc srv ms':>11}"
     ratios = [
@@ -584,7 +584,7 @@ def report(table: Table, variants: list[str]) -> list[str]:
     for label in labels:
         line = f"{label:<40}"
         for name in variants:
-            line += f"{fmt(table.median(label, name, 'rps')):>15}"
+            line += f"{fmt(table.median(label, name, 'rps')):>18}"
         for name in variants:
             line += f"{fmt(table.median(label, name, 'cpu_us'), 1):>18}"
         line += f"{fmt(table.median(label, 'service', 'p50_ms'), 2):>11}"
