@@ -203,5 +203,7 @@ async def test_the_wal_starts_over_under_a_load_that_never_pauses(
     # Broken on purpose: PASSIVE checkpoints only, the log is never made to start over.
     monkeypatch.setattr(storage, "WAL_RESTART_BYTES", 1 << 62)
     broken_restarts = await wal_restarts_under_nonstop_load(tmp_path / "broken.db", monkeypatch)
+    # The same bar both ways: the shipped checkpointer clears it (10-23 restarts measured
+    # here), the broken one does not (0-1: only when a PASSIVE happens to catch up).
     assert restarts >= 5
-    assert broken_restarts <= 1
+    assert broken_restarts < 5
