@@ -129,69 +129,39 @@ def fail(message: str, code: int) -> int:
 def run_server(host: str, port: int) -> int:
     # The server's imports live here: sign, send and demo need only the standard library,
     # so they also run on a bare python3 outside the virtualenv (`make demo`).
-    import uvicorn
-
     from app.config import ConfigError, load_settings
-    from app.logging_utils import uvicorn_log_config
-    from app.server import guarded_protocol
+    from app.server import serve
 
     try:
         settings = load_settings()
     except ConfigError as exc:
         refuse_to_start(str(exc))
         return EXIT_USAGE
-    uvicorn.run(
-        "app.main:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        log_config=uvicorn_log_config(settings.log_level),
-        http=guarded_protocol(
-            max_head_bytes=settings.http_max_head_bytes,
-            head_timeout=settings.http_head_timeout_seconds,
-            body_timeout=settings.http_body_timeout_seconds,
-        ),
-        server_header=False,
-        # Our middleware writes the access line; uvicorn's own would cost the arguments
-        # of a disabled log call on every response.
-        access_log=False,
-        # Client addresses are never used or logged, so X-Forwarded-* need no parsing.
-        proxy_headers=False,
-        timeout_keep_alive=5,
-        timeout_graceful_shutdown=20,
-    )
+    serve(settings, host, port)
     return EXIT_OK
 
 
 def init_db() -> int:
-    from app.config import parse_database_url
-    from app.migrations import SCHEMA_VERSION
-    from app.postgres_store import migrate
-    from app.storage import StorageUnavailable, init_sqlite
+    from app.config import ConfigError, load_database_settings
+    from app.storage import StorageUnavailable
+    from app.storage.migrations import SCHEMA_VERSION
+    from app.storage.postgres import migrate
+    from app.storage.sqlite_connection import init_sqlite
 
-    url = os.environ.get("DATABASE_URL", "sqlite:///./data/app.db")
     try:
-        database = parse_database_url(url)
-    except ValueError as exc:
-        refuse_to_start(f"invalid configuration: DATABASE_URL: {exc}")
+        settings = load_database_settings()
+    except ConfigError as exc:
+        refuse_to_start(str(exc))
         return EXIT_USAGE
+    database = settings.database
     if database.scheme == "sqlite":
         version = init_sqlite(database.target)
         print(f"schema version {version} applied to {database.target}")
         return EXIT_OK
-    raw_timeout = os.environ.get("DATABASE_STARTUP_TIMEOUT_SECONDS", "30")
     try:
-        startup_timeout = float(raw_timeout)
-    except ValueError:
-        startup_timeout = -1.0
-    if not 0 <= startup_timeout <= 600:
-        refuse_to_start(
-            "invalid configuration: DATABASE_STARTUP_TIMEOUT_SECONDS: must be a number of"
-            " seconds from 0 to 600"
+        asyncio.run(
+            migrate(database.target, startup_timeout=settings.database_startup_timeout_seconds)
         )
-        return EXIT_USAGE
-    try:
-        asyncio.run(migrate(database.target, startup_timeout=startup_timeout))
     except StorageUnavailable as exc:
         refuse_to_start(f"init-db: {exc}")
         return EXIT_UNEXPECTED
@@ -211,7 +181,7 @@ def print_signature(path: str | None, variable: str, *, hub: bool = False) -> in
         if variable == "WEBHOOK_SECRET":
             return fail(_MISSING_KEY_HELP, EXIT_USAGE)
         return fail(f"{variable} is not set: export the secret to sign with", EXIT_USAGE)
-    body = read_body(path)
+    body = read_input(path)
     if body is None:
         return EXIT_USAGE
     signature = sign(body, secret.encode())
@@ -230,7 +200,7 @@ def print_standard_headers(path: str | None, webhook_id: str | None, timestamp: 
         key = standard_webhook_key(secret)
     except ValueError as exc:
         return fail(f"WEBHOOK_SECRET: {exc}", EXIT_USAGE)
-    body = read_body(path)
+    body = read_input(path)
     if body is None:
         return EXIT_USAGE
     webhook_id = webhook_id or "msg_" + os.urandom(12).hex()
@@ -241,7 +211,7 @@ def print_standard_headers(path: str | None, webhook_id: str | None, timestamp: 
     return EXIT_OK
 
 
-def read_body(path: str | None) -> bytes | None:
+def read_input(path: str | None) -> bytes | None:
     """The body to sign, from a file or stdin; None (and a message) if unreadable."""
     if path in (None, "-"):
         return sys.stdin.buffer.read()

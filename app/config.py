@@ -78,24 +78,41 @@ def parse_database_url(url: str) -> DatabaseURL:
     )
 
 
-class Settings(BaseSettings):
+class DatabaseSettings(BaseSettings):
+    """What reaching the database needs: all that `python -m app init-db` reads."""
+
     model_config = SettingsConfigDict(
         env_prefix="", case_sensitive=False, extra="ignore", frozen=True
     )
 
-    webhook_secret: SecretStr
-    webhook_secret_previous: SecretStr | None = None
     database_url: str = "sqlite:///./data/app.db"
-    log_level: LogLevel = "INFO"
-    max_body_bytes: int = Field(default=65536, ge=1, le=16 * 1024 * 1024)
-    # How long a webhook waits for its row to be committed before answering 503.
-    write_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
-    # How long the SQLite writer waits on a lock held by another process.
-    sqlite_busy_timeout_ms: int = Field(default=1000, ge=0, le=60_000)
     # PostgreSQL only: connections per process, and how long start-up waits for the
     # database to accept connections (compose may start the API first).
     database_pool_size: int = Field(default=10, ge=1, le=500)
     database_startup_timeout_seconds: float = Field(default=30.0, ge=0, le=600)
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database_url(cls, value: str) -> str:
+        parse_database_url(value)
+        return value
+
+    @property
+    def database(self) -> DatabaseURL:
+        return parse_database_url(self.database_url)
+
+
+class Settings(DatabaseSettings):
+    webhook_secret: SecretStr
+    webhook_secret_previous: SecretStr | None = None
+    log_level: LogLevel = "INFO"
+    max_body_bytes: int = Field(default=65536, ge=1, le=16 * 1024 * 1024)
+    # How long a webhook waits for its row to be committed before answering 503.
+    write_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    # How long a read (/messages, /stats) may take before it is abandoned with a 503.
+    read_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
+    # How long the SQLite writer waits on a lock held by another process.
+    sqlite_busy_timeout_ms: int = Field(default=1000, ge=0, le=60_000)
     retry_after_seconds: int = Field(default=1, ge=1, le=3600)
     docs_enabled: bool = True
     # How far a Standard Webhooks timestamp may be behind or ahead of our clock.
@@ -106,7 +123,7 @@ class Settings(BaseSettings):
     whatsapp_verify_token: SecretStr | None = None
     # Meta documents webhook payloads of up to 3 MB.
     whatsapp_max_body_bytes: int = Field(default=3 * 1024 * 1024, ge=1, le=16 * 1024 * 1024)
-    # Connection limits of `python -m app serve` (see app/server.py).
+    # Connection limits of `python -m app serve` (see app/server/).
     http_max_head_bytes: int = Field(default=65536, ge=4096, le=16 * 1024 * 1024)
     http_head_timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
     http_body_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
@@ -140,16 +157,6 @@ class Settings(BaseSettings):
     def _upper_log_level(cls, value: object) -> object:
         return value.strip().upper() if isinstance(value, str) else value
 
-    @field_validator("database_url")
-    @classmethod
-    def _known_database_url(cls, value: str) -> str:
-        parse_database_url(value)
-        return value
-
-    @property
-    def database(self) -> DatabaseURL:
-        return parse_database_url(self.database_url)
-
     def secrets(self) -> tuple[bytes, ...]:
         """The accepted HMAC keys, current first."""
         keys = [self.webhook_secret.get_secret_value().encode()]
@@ -175,6 +182,14 @@ def load_settings() -> Settings:
     """Read the environment, or raise ConfigError with one line that names the variable."""
     try:
         return Settings()  # the values come from the environment
+    except ValidationError as exc:
+        raise ConfigError(describe_errors(exc)) from None
+
+
+def load_database_settings() -> DatabaseSettings:
+    """The database part of the environment alone (no secret needed), or ConfigError."""
+    try:
+        return DatabaseSettings()
     except ValidationError as exc:
         raise ConfigError(describe_errors(exc)) from None
 

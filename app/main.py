@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -14,14 +14,14 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app import routes, whatsapp
+from app.api import messages, probes, whatsapp
+from app.api.deps import AppState
+from app.api.webhook import PATH, WebhookEndpoint, openapi_operation
 from app.config import ConfigError, Settings, load_settings
 from app.logging_utils import configure_logging, refuse_to_start
 from app.metrics import Metrics
-from app.middleware import ObservabilityMiddleware
-from app.postgres_store import PostgresStore
-from app.storage import MessageStore, SQLiteStore
-from app.webhook import PATH, WebhookEndpoint, openapi_operation
+from app.middleware import DirectRoutes, ObservabilityMiddleware
+from app.storage import MessageStore, open_store
 
 logger = logging.getLogger("app")
 
@@ -41,27 +41,17 @@ def settle_heap() -> None:
     gc.set_threshold(7000, 10, 10)
 
 
-async def open_store(settings: Settings) -> MessageStore:
-    database = settings.database
-    if database.scheme == "sqlite":
-        return await SQLiteStore.open(
-            database.target,
-            busy_timeout_ms=settings.sqlite_busy_timeout_ms,
-            write_timeout=settings.write_timeout_seconds,
-        )
-    return await PostgresStore.open(
-        database.target,
-        pool_size=settings.database_pool_size,
-        write_timeout=settings.write_timeout_seconds,
-        startup_timeout=settings.database_startup_timeout_seconds,
-    )
-
-
 class ReceiverApp(FastAPI):
-    """FastAPI, with POST /webhook answered in front of its middleware stack.
+    """FastAPI, with the direct routes (POST /webhook) answered in front of its stack.
 
-    The observability middleware is outermost, so the webhook and FastAPI's routes get
-    the same request ids, metrics, access lines and headers.
+    Three hooks differ from FastAPI's:
+
+    - `__call__` goes straight to the middleware stack (FastAPI's own reads the
+      environment on every request, for OpenTelemetry, which this service does not use);
+    - `build_middleware_stack` puts the observability middleware outermost, with the
+      table of direct routes, so direct and FastAPI routes get the same request ids,
+      metrics, access lines and headers;
+    - `openapi` adds the direct routes' operations, which FastAPI cannot see.
     """
 
     def __init__(self, *, settings: Settings, metrics: Metrics, **kwargs: Any) -> None:
@@ -81,10 +71,8 @@ class ReceiverApp(FastAPI):
         await self.middleware_stack(scope, receive, send)
 
     def build_middleware_stack(self) -> ASGIApp:
-        webhook = WebhookEndpoint(self.receiver_settings, self.metrics)
-        return ObservabilityMiddleware(
-            super().build_middleware_stack(), self.metrics, direct={PATH: webhook}
-        )
+        direct = DirectRoutes({PATH: WebhookEndpoint(self.receiver_settings, self.metrics)})
+        return ObservabilityMiddleware(super().build_middleware_stack(), self.metrics, direct)
 
     def openapi(self) -> dict[str, Any]:
         if self.openapi_schema is None:
@@ -100,7 +88,17 @@ class ReceiverApp(FastAPI):
         return self.openapi_schema
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+StoreOpener = Callable[[Settings], Awaitable[MessageStore]]
+
+
+def create_app(
+    settings: Settings | None = None, *, store_opener: StoreOpener = open_store
+) -> FastAPI:
+    """The app, on `settings` (default: the environment's).
+
+    `store_opener` opens the store in the lifespan; tests pass one that wraps the real
+    store in a deliberately broken one, to prove a test can fail.
+    """
     if settings is None:
         try:
             settings = load_settings()
@@ -113,8 +111,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app_settings = settings
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[routes.AppState]:
-        store = await open_store(app_settings)
+    async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
+        store = await store_opener(app_settings)
         settle_heap()
         logger.info(
             "ready to receive",
@@ -139,7 +137,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url="/redoc" if docs else None,
         openapi_url="/openapi.json" if docs else None,
     )
-    app.include_router(routes.router)
+    app.include_router(messages.router)
+    app.include_router(probes.router)
     if settings.whatsapp_enabled:
         app.include_router(whatsapp.router)
     elif settings.whatsapp_app_secret is not None or settings.whatsapp_verify_token is not None:

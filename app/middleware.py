@@ -49,11 +49,37 @@ class RequestInfo:
 
 
 # A direct handler answers a request whole, as (status, JSON body, extra headers), and
-# the middleware sends it: no `send` to wrap, no framework in between. For the one hot
-# path, POST /webhook; everything else goes through the wrapped app.
-Header = tuple[bytes, bytes]
-Reply = tuple[int, bytes, list[Header]]
-DirectHandler = Callable[[Scope, Receive], Awaitable[Reply]]
+# the middleware sends it: no `send` to wrap, no framework in between.
+RawHeader = tuple[bytes, bytes]
+DirectReply = tuple[int, bytes, list[RawHeader]]
+DirectHandler = Callable[[Scope, Receive], Awaitable[DirectReply]]
+
+
+class DirectRoutes:
+    """The routes answered in front of the framework: exact path -> DirectHandler.
+
+    For the hot path alone (POST /webhook): FastAPI's routing and dependencies cost
+    several times the work of the handler itself. Every other path goes through the
+    wrapped app. A `root_path` (an app mounted under a prefix by the server) is honoured
+    as Starlette's router honours it: the prefix is not part of the route.
+    """
+
+    __slots__ = ("_handlers",)
+
+    def __init__(self, handlers: dict[str, DirectHandler]) -> None:
+        self._handlers = dict(handlers)
+
+    def match(self, scope: Scope) -> tuple[str, DirectHandler] | None:
+        """The route template and its handler, if this request is one of ours."""
+        path: str = scope["path"]
+        root_path = scope.get("root_path")
+        if root_path and path.startswith(root_path):
+            path = path[len(root_path) :]
+        handler = self._handlers.get(path)
+        return None if handler is None else (path, handler)
+
+    def __contains__(self, path: str) -> bool:
+        return path in self._handlers
 
 
 def request_info(scope: Scope) -> RequestInfo:
@@ -62,12 +88,16 @@ def request_info(scope: Scope) -> RequestInfo:
 
 
 class ObservabilityMiddleware:
-    def __init__(
-        self, app: ASGIApp, metrics: Metrics, direct: dict[str, DirectHandler] | None = None
-    ) -> None:
+    """Outermost: every request gets an id, a timing, metrics and one access line.
+
+    Requests that `direct` matches are answered by their handler, here; all others go to
+    the wrapped app, with our headers added to its answer.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, direct: DirectRoutes | None = None) -> None:
         self.app = app
         self.metrics = metrics
-        self.direct = direct or {}
+        self.direct = direct or DirectRoutes({})
         # Minted ids: a random per-instance prefix and a counter. Unique like a uuid4,
         # without reading the kernel's random pool on every request.
         self._id_prefix = os.urandom(8).hex()
@@ -83,12 +113,12 @@ class ObservabilityMiddleware:
         )
         info = scope[_SCOPE_KEY] = RequestInfo(request_id)
         encoded_id = request_id.encode("ascii")
-        handler = self.direct.get(scope["path"])
+        direct = self.direct.match(scope)
         try:
-            if handler is None:
+            if direct is None:
                 await self.app(scope, receive, _HeaderAdder(send, info, encoded_id).send)
             else:
-                info.route = scope["path"]
+                info.route, handler = direct
                 info.status, body, headers = await handler(scope, receive)
                 info.response_started = True
                 headers += (

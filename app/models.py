@@ -64,8 +64,12 @@ def instant_key(value: str) -> str:
     return f"{value[:19]}.{(fraction or '').ljust(9, '0')}Z"
 
 
-def valid_instant_key(value: str) -> str:
-    """instant_key() of a `ts` that has already passed validation, without checking again."""
+def instant_key_unchecked(value: str) -> str:
+    """instant_key() of a `ts` that has already passed validation: no second check.
+
+    The insert path calls this for every row, after Message validated `ts`; anything else
+    must call instant_key().
+    """
     fraction = value[20:-1]  # "" without a fraction
     return f"{value[:19]}.{fraction.ljust(9, '0')}Z"
 
@@ -75,8 +79,9 @@ def check_instant(value: str) -> str:
     return value
 
 
-def check_storable(value: str) -> str:
-    # PostgreSQL cannot store NUL in text: refuse it here, on every backend alike.
+def no_nul(value: str) -> str:
+    # PostgreSQL cannot store (or compare) NUL in text: refuse it here, on every backend
+    # alike, in bodies and in query parameters.
     if "\x00" in value:
         raise ValueError("must not contain NUL characters")
     return value
@@ -101,7 +106,7 @@ class Message(BaseModel):
     message_id: Annotated[
         str,
         Field(min_length=1, max_length=MESSAGE_ID_MAX, json_schema_extra=NO_NUL),
-        AfterValidator(check_storable),
+        AfterValidator(no_nul),
     ]
     from_: Annotated[MSISDN, Field(alias="from")]
     to: MSISDN
@@ -110,7 +115,7 @@ class Message(BaseModel):
         Annotated[
             str,
             Field(max_length=TEXT_MAX, json_schema_extra=NO_NUL),
-            AfterValidator(check_storable),
+            AfterValidator(no_nul),
         ]
         | None
     ) = None

@@ -42,7 +42,8 @@ WEBHOOK_TIMESTAMP = b"webhook-timestamp"
 WEBHOOK_SIGNATURE = b"webhook-signature"
 _SIGNATURE_HEADERS = frozenset({X_SIGNATURE, WEBHOOK_ID, WEBHOOK_TIMESTAMP, WEBHOOK_SIGNATURE})
 
-Header = str | bytes | None
+# A header value as ASGI gives it (bytes), as a test may (str), or absent.
+HeaderValue = str | bytes | None
 
 
 class InvalidSignature(Exception):
@@ -64,7 +65,7 @@ def sign_standard_webhook(webhook_id: str, timestamp: int, body: bytes, key: byt
     return "v1," + base64.b64encode(digest).decode("ascii")
 
 
-def verify_signature(body: bytes, header: Header, secrets: Sequence[bytes]) -> int:
+def verify_signature(body: bytes, header: HeaderValue, secrets: Sequence[bytes]) -> int:
     """Check an X-Signature header (hex, optionally `sha256=` first) against the raw body.
 
     Returns the index in `secrets` of the key that matched (0 is the current key), so the
@@ -76,7 +77,7 @@ def verify_signature(body: bytes, header: Header, secrets: Sequence[bytes]) -> i
     return _matching_key([bytes.fromhex(match[1].decode("ascii"))], secrets, body)
 
 
-def verify_hub_signature(body: bytes, header: Header, secrets: Sequence[bytes]) -> int:
+def verify_hub_signature(body: bytes, header: HeaderValue, secrets: Sequence[bytes]) -> int:
     """Check an X-Hub-Signature-256 header (`sha256=<hex>`, as Meta sends it)."""
     match = _HUB_SIGNATURE.fullmatch(_ascii(header))
     if match is None:
@@ -86,9 +87,9 @@ def verify_hub_signature(body: bytes, header: Header, secrets: Sequence[bytes]) 
 
 def verify_standard_webhook(
     body: bytes,
-    webhook_id: Header,
-    timestamp: Header,
-    signature: Header,
+    webhook_id: HeaderValue,
+    timestamp: HeaderValue,
+    signature: HeaderValue,
     keys: Sequence[bytes],
     *,
     now: float,
@@ -156,7 +157,7 @@ class Verifier:
         )
 
 
-def _ascii(header: Header) -> bytes:
+def _ascii(header: HeaderValue) -> bytes:
     if header is None:
         raise InvalidSignature(MISSING)
     if isinstance(header, bytes):

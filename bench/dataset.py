@@ -10,9 +10,10 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from app.migrations import apply_sqlite_schema
 from app.models import instant_key
-from app.storage import connect_sqlite, utc_now
+from app.storage.migrations import apply_sqlite_schema
+from app.storage.rows import utc_now
+from app.storage.sqlite_connection import connect_sqlite
 
 SENDERS = 10_000
 # One message in ten thousand carries it: a "selective" search term.

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.dataset import RARE_WORD, prefill_naive, prefill_service, write_signed_bodies
-from tests.postgres import running_cluster, why_unavailable
+from tests.support.postgres import running_cluster, why_unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"

@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 
 from app.signature import Verifier, sign, sign_standard_webhook
-from tests.server import running_server
+from tests.support.servers import running_server
 
 BODY = (
     b'{"message_id":"m1","from":"+919876543210","to":"+14155550100",'

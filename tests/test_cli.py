@@ -15,8 +15,8 @@ import pytest
 
 from app.cli import EXIT_OK, EXIT_UNEXPECTED, EXIT_UNREACHABLE, EXIT_USAGE, main
 from app.signature import sign
-from tests.conftest import SECRET
-from tests.server import ROOT, Server, free_port, running_server
+from tests.support.clients import SECRET
+from tests.support.servers import ROOT, Server, free_port, running_server
 
 
 @pytest.fixture(scope="module")

@@ -2,32 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
 
 from app.config import ConfigError, Settings, load_settings, parse_database_url
-from tests.server import ROOT, free_port
-
-
-def start(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if k not in {"WEBHOOK_SECRET", "DATABASE_URL"}}
-    return subprocess.run(
-        [sys.executable, "-m", *args],
-        cwd=ROOT,
-        env={**clean, **env},
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-
-
-UVICORN = ("uvicorn", "--factory", "app.main:create_app", "--port")
+from tests.support.servers import UVICORN, free_port, run_module
 
 
 @pytest.mark.parametrize(
@@ -45,7 +26,7 @@ UVICORN = ("uvicorn", "--factory", "app.main:create_app", "--port")
 def test_bad_configuration_refuses_to_start_with_one_line(
     tmp_path: Path, env: dict[str, str], named: str
 ) -> None:
-    result = start(env, *UVICORN, str(free_port()))
+    result = run_module(env, *UVICORN, str(free_port()))
     assert result.returncode != 0
     assert "Traceback" not in result.stderr + result.stdout
     lines = result.stderr.strip().splitlines()
@@ -55,7 +36,7 @@ def test_bad_configuration_refuses_to_start_with_one_line(
 
 
 def test_serve_command_refuses_the_same_way() -> None:
-    result = start({}, "app", "serve", "--port", str(free_port()))
+    result = run_module({}, "app", "serve", "--port", str(free_port()))
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1
     assert "WEBHOOK_SECRET" in result.stderr

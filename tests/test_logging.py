@@ -13,13 +13,7 @@ from typing import Any
 import pytest
 
 from app.logging_utils import FLUSH_SECONDS, AccessLog, configure_logging
-from tests.conftest import SECRET, AppClient, message
-
-
-def lines(captured: str) -> list[dict[str, Any]]:
-    parsed = [json.loads(line) for line in captured.splitlines() if line.strip()]
-    assert parsed
-    return parsed
+from tests.support.clients import SECRET, MakeClient, json_lines, message
 
 
 @pytest.fixture(autouse=True)
@@ -29,11 +23,11 @@ def restore_logging() -> Iterator[None]:
 
 
 def access_lines(captured: str) -> list[dict[str, Any]]:
-    return [line for line in lines(captured) if line.get("logger") == "app.access"]
+    return [line for line in json_lines(captured) if line.get("logger") == "app.access"]
 
 
 def test_each_request_logs_one_json_line_with_the_keys(
-    capsys: pytest.CaptureFixture[str], make_client: AppClient
+    capsys: pytest.CaptureFixture[str], make_client: MakeClient
 ) -> None:
     client = make_client()
     response = client.post_signed(message())
@@ -52,7 +46,7 @@ def test_each_request_logs_one_json_line_with_the_keys(
 
 
 def test_duplicate_and_rejections_are_logged(
-    capsys: pytest.CaptureFixture[str], make_client: AppClient
+    capsys: pytest.CaptureFixture[str], make_client: MakeClient
 ) -> None:
     client = make_client()
     client.post_signed(message())
@@ -75,7 +69,7 @@ def test_duplicate_and_rejections_are_logged(
 
 
 def test_sane_request_id_is_reused_and_others_replaced(
-    capsys: pytest.CaptureFixture[str], make_client: AppClient
+    capsys: pytest.CaptureFixture[str], make_client: MakeClient
 ) -> None:
     client = make_client()
     reused = client.get("/health/live", headers={"X-Request-ID": "abc-123.def:4"})
@@ -90,7 +84,7 @@ def test_sane_request_id_is_reused_and_others_replaced(
 
 
 def test_secrets_signatures_and_text_never_reach_the_logs(
-    capsys: pytest.CaptureFixture[str], make_client: AppClient
+    capsys: pytest.CaptureFixture[str], make_client: MakeClient
 ) -> None:
     client = make_client()
     body = message(text="the-private-text")
@@ -110,7 +104,7 @@ def test_secrets_signatures_and_text_never_reach_the_logs(
     assert sign(raw, SECRET.encode()) not in everything
 
 
-def test_log_level_filters(capsys: pytest.CaptureFixture[str], make_client: AppClient) -> None:
+def test_log_level_filters(capsys: pytest.CaptureFixture[str], make_client: MakeClient) -> None:
     client = make_client(log_level="WARNING")
     client.get("/health/live")
     client.post_signed(message(), secret="wrong")

@@ -6,14 +6,14 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import AppClient, Client, message
+from tests.support.clients import AppClient, MakeClient, message
 
 ALICE = "+919876543210"
 BOB = "+14155550100"
 CAROL = "+447700900123"
 
 
-def seed(client: Client, *messages: dict[str, Any]) -> None:
+def seed(client: AppClient, *messages: dict[str, Any]) -> None:
     for body in messages:
         assert client.post_signed(body).status_code == 200, body
 
@@ -23,7 +23,7 @@ def ids(response: Any) -> list[str]:
 
 
 @pytest.fixture
-def conversation(client: Client) -> Client:
+def conversation(client: AppClient) -> AppClient:
     seed(
         client,
         message(message_id="m1", ts="2025-01-15T10:00:00Z", text="Hello Bob"),
@@ -40,7 +40,7 @@ def conversation(client: Client) -> Client:
     return client
 
 
-def test_default_page_shape(conversation: Client) -> None:
+def test_default_page_shape(conversation: AppClient) -> None:
     response = conversation.get("/messages")
     assert response.status_code == 200
     body = response.json()
@@ -58,12 +58,12 @@ def test_default_page_shape(conversation: Client) -> None:
     assert ids(response) == ["m2", "m1", "m3", "m4", "m5"]
 
 
-def test_null_text_comes_back_as_null(conversation: Client) -> None:
+def test_null_text_comes_back_as_null(conversation: AppClient) -> None:
     rows = {row["message_id"]: row for row in conversation.get("/messages").json()["data"]}
     assert rows["m4"]["text"] is None
 
 
-def test_limit_and_offset_page_through_in_order(conversation: Client) -> None:
+def test_limit_and_offset_page_through_in_order(conversation: AppClient) -> None:
     seen = []
     for offset in range(0, 6, 2):
         response = conversation.get("/messages", params={"limit": 2, "offset": offset})
@@ -75,44 +75,44 @@ def test_limit_and_offset_page_through_in_order(conversation: Client) -> None:
     assert seen == ["m2", "m1", "m3", "m4", "m5"]
 
 
-def test_offset_past_the_end_is_an_empty_page(conversation: Client) -> None:
+def test_offset_past_the_end_is_an_empty_page(conversation: AppClient) -> None:
     body = conversation.get("/messages", params={"offset": 10}).json()
     assert body["data"] == []
     assert body["total"] == 5
 
 
-def test_filter_by_sender_with_encoded_plus(conversation: Client) -> None:
+def test_filter_by_sender_with_encoded_plus(conversation: AppClient) -> None:
     response = conversation.get(f"/messages?from=%2B{ALICE[1:]}")
     assert ids(response) == ["m2", "m1", "m5"]
     assert response.json()["total"] == 3
 
 
-def test_filter_by_sender_with_literal_plus(conversation: Client) -> None:
+def test_filter_by_sender_with_literal_plus(conversation: AppClient) -> None:
     # An unencoded '+' arrives as a space; it still means the E.164 plus.
     response = conversation.get(f"/messages?from=+{ALICE[1:]}")
     assert response.status_code == 200
     assert ids(response) == ["m2", "m1", "m5"]
 
 
-def test_filter_by_sender_matches_exactly(conversation: Client) -> None:
+def test_filter_by_sender_matches_exactly(conversation: AppClient) -> None:
     assert conversation.get("/messages", params={"from": "+91987654321"}).json()["total"] == 0
     assert conversation.get("/messages", params={"from": "+447700900123"}).json()["total"] == 1
 
 
-def test_filter_since_is_inclusive(conversation: Client) -> None:
+def test_filter_since_is_inclusive(conversation: AppClient) -> None:
     response = conversation.get("/messages", params={"since": "2025-01-15T11:00:00Z"})
     assert ids(response) == ["m3", "m4", "m5"]
     assert response.json()["total"] == 3
 
 
-def test_since_compares_instants_not_strings(conversation: Client) -> None:
+def test_since_compares_instants_not_strings(conversation: AppClient) -> None:
     # "...11:00:00.000Z" is the same instant as "...11:00:00Z", though it sorts after it
     # as a string.
     response = conversation.get("/messages", params={"since": "2025-01-15T11:00:00.000Z"})
     assert ids(response) == ["m3", "m4", "m5"]
 
 
-def test_filter_q_is_a_case_insensitive_substring(conversation: Client) -> None:
+def test_filter_q_is_a_case_insensitive_substring(conversation: AppClient) -> None:
     assert ids(conversation.get("/messages", params={"q": "HELLO"})) == ["m1", "m3"]
     assert ids(conversation.get("/messages", params={"q": "llo b"})) == ["m1", "m3"]
     assert ids(conversation.get("/messages", params={"q": "lo"})) == ["m1", "m3"]
@@ -123,12 +123,12 @@ def test_filter_q_is_a_case_insensitive_substring(conversation: Client) -> None:
     ("q", "expected"), [("%", ["m5"]), ("_", ["m5"]), ("0% s", ["m5"]), ("o_b", []), ("H%o", [])]
 )
 def test_percent_and_underscore_in_q_are_literal(
-    conversation: Client, q: str, expected: list[str]
+    conversation: AppClient, q: str, expected: list[str]
 ) -> None:
     assert ids(conversation.get("/messages", params={"q": q})) == expected
 
 
-def test_q_matches_non_ascii_case_insensitively(client: Client) -> None:
+def test_q_matches_non_ascii_case_insensitively(client: AppClient) -> None:
     seed(
         client,
         message(message_id="a", text="ПРИВЕТ мир"),
@@ -140,7 +140,7 @@ def test_q_matches_non_ascii_case_insensitively(client: Client) -> None:
     assert ids(client.get("/messages", params={"q": "σίσυφος"})) == ["c"]
 
 
-def test_filters_combine(conversation: Client) -> None:
+def test_filters_combine(conversation: AppClient) -> None:
     params: dict[str, str | int] = {
         "from": ALICE,
         "since": "2025-01-15T10:00:00Z",
@@ -155,12 +155,12 @@ def test_filters_combine(conversation: Client) -> None:
     assert ids(conversation.get("/messages", params=params)) == ["m5"]
 
 
-def test_equal_ts_orders_by_message_id(client: Client) -> None:
+def test_equal_ts_orders_by_message_id(client: AppClient) -> None:
     seed(client, *(message(message_id=mid) for mid in ["b", "c", "a"]))
     assert ids(client.get("/messages")) == ["a", "b", "c"]
 
 
-def test_fractional_seconds_order_as_instants(client: Client) -> None:
+def test_fractional_seconds_order_as_instants(client: AppClient) -> None:
     seed(
         client,
         message(message_id="a", ts="2025-01-15T10:00:00.5Z"),
@@ -172,14 +172,14 @@ def test_fractional_seconds_order_as_instants(client: Client) -> None:
     assert ids(client.get("/messages")) == ["e", "c", "d", "b", "a"]
 
 
-def test_ts_and_text_come_back_exactly_as_received(client: Client) -> None:
+def test_ts_and_text_come_back_exactly_as_received(client: AppClient) -> None:
     seed(client, message(ts="2025-01-15T10:00:00.100Z", text="  spaced\nnewline 👋 "))
     row = client.get("/messages").json()["data"][0]
     assert row["ts"] == "2025-01-15T10:00:00.100Z"
     assert row["text"] == "  spaced\nnewline 👋 "
 
 
-def test_total_ignores_limit_and_offset(conversation: Client) -> None:
+def test_total_ignores_limit_and_offset(conversation: AppClient) -> None:
     body = conversation.get("/messages", params={"limit": 1, "offset": 3}).json()
     assert body["total"] == 5
     assert len(body["data"]) == 1
@@ -208,7 +208,7 @@ def test_total_ignores_limit_and_offset(conversation: Client) -> None:
     ],
 )
 def test_out_of_range_or_malformed_parameters_are_422(
-    conversation: Client, params: dict[str, Any]
+    conversation: AppClient, params: dict[str, Any]
 ) -> None:
     response = conversation.get("/messages", params=params)
     assert response.status_code == 422
@@ -219,11 +219,11 @@ def test_out_of_range_or_malformed_parameters_are_422(
 
 
 @pytest.mark.parametrize("limit", [1, 100])
-def test_limit_bounds_are_accepted(conversation: Client, limit: int) -> None:
+def test_limit_bounds_are_accepted(conversation: AppClient, limit: int) -> None:
     assert conversation.get("/messages", params={"limit": limit}).status_code == 200
 
 
-def test_cursor_pages_match_offset_pages(client: Client) -> None:
+def test_cursor_pages_match_offset_pages(client: AppClient) -> None:
     seed(
         client,
         *(message(message_id=f"m{i:02}", ts=f"2025-01-15T10:00:{i % 7:02}Z") for i in range(23)),
@@ -247,7 +247,7 @@ def test_cursor_pages_match_offset_pages(client: Client) -> None:
     assert by_cursor == by_offset
 
 
-def test_cursor_respects_filters(conversation: Client) -> None:
+def test_cursor_respects_filters(conversation: AppClient) -> None:
     first = conversation.get("/messages", params={"from": ALICE, "limit": 1}).json()
     second = conversation.get(
         "/messages", params={"from": ALICE, "limit": 5, "cursor": first["next_cursor"]}
@@ -256,13 +256,13 @@ def test_cursor_respects_filters(conversation: Client) -> None:
     assert second["next_cursor"] is None
 
 
-def test_next_cursor_is_null_on_an_exact_last_page(conversation: Client) -> None:
+def test_next_cursor_is_null_on_an_exact_last_page(conversation: AppClient) -> None:
     assert conversation.get("/messages", params={"limit": 5}).json()["next_cursor"] is None
     assert conversation.get("/messages", params={"limit": 4}).json()["next_cursor"] is not None
 
 
 def test_file_database_lists_through_reader_connections(
-    make_client: AppClient, db_path: Any
+    make_client: MakeClient, db_path: Any
 ) -> None:
     client = make_client(database_url=f"sqlite:///{db_path}")
     seed(client, message(message_id="x"), message(message_id="y", ts="2025-01-15T09:00:00Z"))

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from app.metrics import WEBHOOK_RESULTS
-from tests.conftest import AppClient, Client, message
+from tests.support.clients import AppClient, MakeClient, message
 
 
-def test_every_webhook_result_exists_from_start_up(client: Client) -> None:
+def test_every_webhook_result_exists_from_start_up(client: AppClient) -> None:
     response = client.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
@@ -16,7 +16,7 @@ def test_every_webhook_result_exists_from_start_up(client: Client) -> None:
         assert f'webhook_requests_total{{result="{result}"}}' in response.text
 
 
-def test_every_outcome_is_counted(make_client: AppClient) -> None:
+def test_every_outcome_is_counted(make_client: MakeClient) -> None:
     client = make_client(max_body_bytes=500)
     client.post_signed(message())
     client.post_signed(message())
@@ -41,7 +41,7 @@ def test_every_outcome_is_counted(make_client: AppClient) -> None:
     assert client.metric("webhook_signature_key_total", key="current") == 4
 
 
-def test_unknown_paths_share_one_label(client: Client) -> None:
+def test_unknown_paths_share_one_label(client: AppClient) -> None:
     for path in ["/nope", "/wp-admin/setup.php", "/messages/../../etc/passwd", "/x" * 50]:
         assert client.get(path).status_code == 404
     text = client.get("/metrics").text
@@ -50,14 +50,14 @@ def test_unknown_paths_share_one_label(client: Client) -> None:
     assert "/nope" not in text
 
 
-def test_route_template_labels_a_wrong_method(client: Client) -> None:
+def test_route_template_labels_a_wrong_method(client: AppClient) -> None:
     response = client.get("/webhook")
     assert response.status_code == 405
     assert response.headers["allow"] == "POST"
     assert client.metric("http_requests_total", path="/webhook", status="405") == 1
 
 
-def test_latency_histogram(client: Client) -> None:
+def test_latency_histogram(client: AppClient) -> None:
     client.get("/health/live")
     client.get("/health/live")
     samples = dict(
@@ -73,7 +73,7 @@ def test_latency_histogram(client: Client) -> None:
     )
 
 
-def test_each_app_has_its_own_registry(make_client: AppClient) -> None:
+def test_each_app_has_its_own_registry(make_client: MakeClient) -> None:
     first = make_client()
     second = make_client()
     first.post_signed(message())

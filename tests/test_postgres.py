@@ -13,14 +13,14 @@ from typing import Any
 import asyncpg
 import pytest
 
-from app.migrations import BACKENDS, SCHEMA_VERSION, apply_postgres_schema, migrations
 from app.models import ListQuery, Message, Stats
-from app.postgres_store import PostgresStore, migrate
 from app.storage import StorageUnavailable
-from tests.broken_stores import ReadThenInsert, TwoSnapshotStats
-from tests.conftest import AppClient, message
-from tests.postgres import PASSWORD, PostgresCluster, database_name
-from tests.server import ROOT
+from app.storage.migrations import BACKENDS, SCHEMA_VERSION, apply_postgres_schema, migrations
+from app.storage.postgres import PostgresStore, migrate
+from tests.support.broken_stores import ReadThenInsert, TwoSnapshotStats
+from tests.support.clients import MakeClient, message
+from tests.support.postgres import PASSWORD, PostgresCluster, database_name
+from tests.support.servers import ROOT
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
@@ -336,7 +336,7 @@ async def test_a_wrong_password_fails_at_once(postgres: PostgresCluster) -> None
 
 
 def test_ready_requires_the_exact_schema_version(
-    make_client: AppClient, postgres: PostgresCluster
+    make_client: MakeClient, postgres: PostgresCluster
 ) -> None:
     url = postgres.create_database("probe")
     client = make_client(database_url=url)

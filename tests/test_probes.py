@@ -6,21 +6,21 @@ import sqlite3
 import time
 from pathlib import Path
 
-from tests.conftest import AppClient, Client, message
+from tests.support.clients import AppClient, MakeClient, message
 
 
-def test_live_and_ready_on_a_fresh_store(file_client: Client) -> None:
+def test_live_and_ready_on_a_fresh_store(file_client: AppClient) -> None:
     assert file_client.get("/health/live").status_code == 200
     ready = file_client.get("/health/ready")
     assert ready.status_code == 200
     assert ready.json() == {"status": "ready"}
 
 
-def test_ready_on_memory_store(client: Client) -> None:
+def test_ready_on_memory_store(client: AppClient) -> None:
     assert client.get("/health/ready").status_code == 200
 
 
-def test_ready_is_503_when_the_database_file_is_gone(file_client: Client, db_path: Path) -> None:
+def test_ready_is_503_when_the_database_file_is_gone(file_client: AppClient, db_path: Path) -> None:
     assert file_client.get("/health/ready").status_code == 200
     db_path.unlink()
     response = file_client.get("/health/ready")
@@ -29,14 +29,14 @@ def test_ready_is_503_when_the_database_file_is_gone(file_client: Client, db_pat
     assert file_client.get("/health/live").status_code == 200
 
 
-def test_ready_is_503_when_the_schema_is_missing(file_client: Client, db_path: Path) -> None:
+def test_ready_is_503_when_the_schema_is_missing(file_client: AppClient, db_path: Path) -> None:
     with sqlite3.connect(db_path) as conn:
         conn.execute("DROP TABLE messages")
     assert file_client.get("/health/ready").status_code == 503
 
 
 def test_ready_is_503_when_the_schema_version_is_unknown(
-    file_client: Client, db_path: Path
+    file_client: AppClient, db_path: Path
 ) -> None:
     with sqlite3.connect(db_path) as conn:
         conn.execute("DELETE FROM schema_version")
@@ -44,7 +44,7 @@ def test_ready_is_503_when_the_schema_version_is_unknown(
 
 
 def test_locked_database_answers_503_with_retry_after_then_recovers(
-    make_client: AppClient, db_path: Path
+    make_client: MakeClient, db_path: Path
 ) -> None:
     client = make_client(database_url=f"sqlite:///{db_path}", sqlite_busy_timeout_ms=200)
     blocker = sqlite3.connect(db_path, isolation_level=None)
@@ -68,7 +68,7 @@ def test_locked_database_answers_503_with_retry_after_then_recovers(
     assert client.metric("webhook_requests_total", result="storage_unavailable") == 1
 
 
-def test_read_only_database_answers_503(make_client: AppClient, db_path: Path) -> None:
+def test_read_only_database_answers_503(make_client: MakeClient, db_path: Path) -> None:
     client = make_client(database_url=f"sqlite:///{db_path}")
     assert client.post_signed(message(message_id="before")).status_code == 200
     # A read-only file cannot be simulated by chmod when the tests run as root;
@@ -87,7 +87,7 @@ def test_read_only_database_answers_503(make_client: AppClient, db_path: Path) -
     assert client.rows() == [("after",), ("before",)]
 
 
-def test_probes_answer_head(file_client: Client) -> None:
+def test_probes_answer_head(file_client: AppClient) -> None:
     assert file_client.head("/health/live").status_code == 200
     ready = file_client.head("/health/ready")
     assert ready.status_code == 200

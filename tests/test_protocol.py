@@ -11,7 +11,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from app.server import guarded_protocol
+from app.server.limits import guarded_protocol
 
 pytestmark = pytest.mark.anyio
 

@@ -19,15 +19,15 @@ from typing import Any
 import pytest
 
 from app.signature import sign
-from tests.conftest import SECRET, encode, message
-from tests.postgres import (
+from tests.support.clients import SECRET, encode, message
+from tests.support.postgres import (
     PASSWORD,
     PostgresCluster,
     database_name,
     running_cluster,
     why_unavailable,
 )
-from tests.server import Server, running_server
+from tests.support.servers import Server, running_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -128,7 +128,7 @@ def test_replicas_store_each_id_once_and_agree_on_stats(
 
 def test_read_before_write_replicas_are_caught(tmp_path: Path, postgres: PostgresCluster) -> None:
     url = postgres.create_database("racy")
-    with replicas(tmp_path, url, 3, "tests.broken_stores:read_then_insert_app") as servers:
+    with replicas(tmp_path, url, 3, "tests.support.broken_stores:read_then_insert_app") as servers:
         statuses, _ = deliver_each_id_six_times(servers)
         assert statuses == [200] * 240
         # Still one row each (the primary key), but "created" is reported more than once.
@@ -182,7 +182,7 @@ def test_acknowledging_before_the_commit_is_caught(
     tmp_path: Path, postgres: PostgresCluster
 ) -> None:
     url = postgres.create_database("early_ack")
-    with replicas(tmp_path, url, 2, "tests.broken_stores:ack_before_commit_app") as servers:
+    with replicas(tmp_path, url, 2, "tests.support.broken_stores:ack_before_commit_app") as servers:
         acknowledged = acknowledged_while_killing_a_replica(servers)
         time.sleep(1)  # let the survivor's late commits land: only the victim's are lost
         assert not set(acknowledged) <= stored_ids(postgres, url)

@@ -13,7 +13,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from app.signature import sign, sign_standard_webhook
-from tests.conftest import SECRET, AppClient, Client, encode, message
+from tests.support.clients import SECRET, AppClient, MakeClient, encode, message
 
 OLD = "the-old-secret"
 WHSEC_KEY = bytes(range(32))
@@ -22,7 +22,7 @@ UNAUTHORISED = {"detail": "invalid signature"}
 
 
 def post_standard(
-    client: Client,
+    client: AppClient,
     body: dict[str, Any] | bytes,
     *,
     key: bytes = SECRET.encode(),
@@ -43,7 +43,7 @@ def post_standard(
     return client.post("/webhook", content=raw, headers=headers)
 
 
-def keys_used(client: Client) -> tuple[float, float]:
+def keys_used(client: AppClient) -> tuple[float, float]:
     return (
         client.metric("webhook_signature_key_total", key="current"),
         client.metric("webhook_signature_key_total", key="previous"),
@@ -54,7 +54,7 @@ def keys_used(client: Client) -> tuple[float, float]:
 
 
 def test_both_keys_are_accepted_during_a_rotation_and_counted_apart(
-    make_client: AppClient,
+    make_client: MakeClient,
 ) -> None:
     client = make_client(webhook_secret_previous=OLD)
     assert client.post_signed(message(message_id="new"), secret=SECRET).status_code == 200
@@ -65,7 +65,7 @@ def test_both_keys_are_accepted_during_a_rotation_and_counted_apart(
     assert client.rows() == [("new",), ("old1",), ("old2",)]
 
 
-def test_after_the_rotation_the_old_key_is_refused(make_client: AppClient) -> None:
+def test_after_the_rotation_the_old_key_is_refused(make_client: MakeClient) -> None:
     client = make_client()  # WEBHOOK_SECRET_PREVIOUS unset again
     response = client.post_signed(message(), secret=OLD)
     assert response.status_code == 401
@@ -73,13 +73,13 @@ def test_after_the_rotation_the_old_key_is_refused(make_client: AppClient) -> No
     assert keys_used(client) == (0, 0)
 
 
-def test_every_key_line_exists_from_start_up(client: Client) -> None:
+def test_every_key_line_exists_from_start_up(client: AppClient) -> None:
     text = client.get("/metrics").text
     assert 'webhook_signature_key_total{key="current"} 0.0' in text
     assert 'webhook_signature_key_total{key="previous"} 0.0' in text
 
 
-def test_a_rejected_signature_counts_no_key(make_client: AppClient) -> None:
+def test_a_rejected_signature_counts_no_key(make_client: MakeClient) -> None:
     client = make_client(webhook_secret_previous=OLD)
     client.post_signed(message(), secret="neither")
     client.post_signed(message(ts="yesterday"))  # verified, then refused by validation
@@ -89,7 +89,7 @@ def test_a_rejected_signature_counts_no_key(make_client: AppClient) -> None:
 # The sha256= prefix
 
 
-def test_x_signature_may_carry_the_sha256_prefix(make_client: AppClient) -> None:
+def test_x_signature_may_carry_the_sha256_prefix(make_client: MakeClient) -> None:
     client = make_client(webhook_secret_previous=OLD)
     for secret, message_id in [(SECRET, "m1"), (OLD, "m2")]:
         raw = encode(message(message_id=message_id))
@@ -104,7 +104,7 @@ def test_x_signature_may_carry_the_sha256_prefix(make_client: AppClient) -> None
 
 
 @pytest.mark.parametrize("prefix", ["SHA256=", "sha256 ", "sha1=", "sha256=sha256="])
-def test_other_prefixes_are_401(client: Client, prefix: str) -> None:
+def test_other_prefixes_are_401(client: AppClient, prefix: str) -> None:
     raw = encode(message())
     response = client.post(
         "/webhook", content=raw, headers={"X-Signature": prefix + sign(raw, SECRET.encode())}
@@ -117,7 +117,7 @@ def test_other_prefixes_are_401(client: Client, prefix: str) -> None:
 # Standard Webhooks
 
 
-def test_a_standard_webhooks_delivery_is_stored(client: Client) -> None:
+def test_a_standard_webhooks_delivery_is_stored(client: AppClient) -> None:
     response = post_standard(client, message())
     assert response.status_code == 200
     assert response.json() == {"status": "ok"}
@@ -126,7 +126,7 @@ def test_a_standard_webhooks_delivery_is_stored(client: Client) -> None:
 
 
 def test_a_delivery_signed_by_the_standardwebhooks_package_is_stored(
-    make_client: AppClient,
+    make_client: MakeClient,
 ) -> None:
     client = make_client(webhook_secret=WHSEC)
     # The package signs text; the body is sent as exactly those UTF-8 bytes.
@@ -143,7 +143,7 @@ def test_a_delivery_signed_by_the_standardwebhooks_package_is_stored(
 
 
 def test_a_whsec_secret_keys_standard_webhooks_with_its_decoded_bytes(
-    make_client: AppClient,
+    make_client: MakeClient,
 ) -> None:
     client = make_client(webhook_secret=WHSEC)
     assert post_standard(client, message(message_id="a"), key=WHSEC_KEY).status_code == 200
@@ -156,7 +156,7 @@ def test_a_whsec_secret_keys_standard_webhooks_with_its_decoded_bytes(
 
 
 def test_standard_webhooks_with_the_previous_key_is_counted_as_previous(
-    make_client: AppClient,
+    make_client: MakeClient,
 ) -> None:
     client = make_client(webhook_secret_previous=OLD)
     assert post_standard(client, message(message_id="a"), key=OLD.encode()).status_code == 200
@@ -171,7 +171,7 @@ def test_standard_webhooks_with_the_previous_key_is_counted_as_previous(
     assert keys_used(client) == (0, 2)
 
 
-def test_standard_webhooks_timestamps_outside_the_window_are_401(client: Client) -> None:
+def test_standard_webhooks_timestamps_outside_the_window_are_401(client: AppClient) -> None:
     now = int(time.time())
     for offset in (-3600, -400, 400, 3600):
         response = post_standard(client, message(), timestamp=now + offset)
@@ -181,7 +181,7 @@ def test_standard_webhooks_timestamps_outside_the_window_are_401(client: Client)
     assert client.metric("webhook_requests_total", result="invalid_signature") == 4
 
 
-def test_the_window_is_configurable(make_client: AppClient) -> None:
+def test_the_window_is_configurable(make_client: MakeClient) -> None:
     client = make_client(webhook_tolerance_past_seconds=7200, webhook_tolerance_future_seconds=1)
     now = int(time.time())
     assert post_standard(client, message(message_id="old"), timestamp=now - 3600).status_code == 200
@@ -203,7 +203,7 @@ def test_the_window_is_configurable(make_client: AppClient) -> None:
     ],
 )
 def test_malformed_standard_webhooks_headers_are_401_with_the_same_body(
-    client: Client, broken: dict[str, str]
+    client: AppClient, broken: dict[str, str]
 ) -> None:
     response = post_standard(client, message(), extra=broken)
     assert response.status_code == 401
@@ -213,7 +213,7 @@ def test_malformed_standard_webhooks_headers_are_401_with_the_same_body(
 
 @pytest.mark.parametrize("dropped", ["webhook-id", "webhook-timestamp", "webhook-signature"])
 def test_an_incomplete_standard_webhooks_set_is_401_even_with_x_signature(
-    client: Client, dropped: str
+    client: AppClient, dropped: str
 ) -> None:
     raw = encode(message())
     now = int(time.time())
@@ -229,7 +229,7 @@ def test_an_incomplete_standard_webhooks_set_is_401_even_with_x_signature(
     assert response.json() == UNAUTHORISED
 
 
-def test_a_replayed_delivery_inside_the_window_stores_one_row(client: Client) -> None:
+def test_a_replayed_delivery_inside_the_window_stores_one_row(client: AppClient) -> None:
     raw = encode(message())
     now = int(time.time())
     signature = sign_standard_webhook("msg_1", now, raw, SECRET.encode())
@@ -240,7 +240,7 @@ def test_a_replayed_delivery_inside_the_window_stores_one_row(client: Client) ->
     assert client.metric("webhook_requests_total", result="duplicate") == 2
 
 
-def test_standard_webhooks_failures_look_like_x_signature_failures(client: Client) -> None:
+def test_standard_webhooks_failures_look_like_x_signature_failures(client: AppClient) -> None:
     bodies = {
         post_standard(client, message(), key=b"wrong").content,
         post_standard(client, message(), timestamp=0).content,

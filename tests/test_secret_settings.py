@@ -10,8 +10,7 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from app.config import ConfigError, Settings, load_settings, standard_webhook_key
-from tests.server import free_port
-from tests.test_config import UVICORN, start
+from tests.support.servers import UVICORN, free_port, run_module
 
 KEY = bytes(range(24))
 ENCODED = base64.b64encode(KEY).decode()  # 32 digits, no padding needed
@@ -108,7 +107,7 @@ def test_secrets_stay_out_of_repr() -> None:
 
 def test_a_malformed_whsec_secret_refuses_to_start_with_one_line(tmp_path: Path) -> None:
     env = {"WEBHOOK_SECRET": "whsec_s3cr3t!value", "DATABASE_URL": f"sqlite:///{tmp_path}/a.db"}
-    result = start(env, *UVICORN, str(free_port()))
+    result = run_module(env, *UVICORN, str(free_port()))
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from app.signature import sign
-from tests.conftest import SECRET, encode, message
-from tests.server import running_server
+from tests.support.clients import SECRET, encode, message
+from tests.support.servers import running_server
 
 pytestmark = pytest.mark.slow
 

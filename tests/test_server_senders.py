@@ -16,9 +16,8 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from app.signature import sign
-from tests.conftest import encode, message
-from tests.server import ROOT, running_server
-from tests.test_whatsapp import (
+from tests.support.clients import encode, message
+from tests.support.meta import (
     APP_SECRET,
     VERIFY_TOKEN,
     batch,
@@ -27,6 +26,7 @@ from tests.test_whatsapp import (
     meta_bytes,
     text_message,
 )
+from tests.support.servers import ROOT, running_server
 
 pytestmark = pytest.mark.slow
 

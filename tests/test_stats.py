@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from tests.conftest import Client, message
+from tests.support.clients import AppClient, message
 
 
-def test_empty_store(client: Client) -> None:
+def test_empty_store(client: AppClient) -> None:
     response = client.get("/stats")
     assert response.status_code == 200
     assert response.json() == {
@@ -17,7 +17,7 @@ def test_empty_store(client: Client) -> None:
     }
 
 
-def test_counts_senders_and_ties_by_sender(client: Client) -> None:
+def test_counts_senders_and_ties_by_sender(client: AppClient) -> None:
     senders = ["+300000000003"] * 2 + ["+100000000001"] * 2 + ["+200000000002"] * 3
     for index, sender in enumerate(senders):
         assert (
@@ -34,7 +34,7 @@ def test_counts_senders_and_ties_by_sender(client: Client) -> None:
     ]
 
 
-def test_duplicates_do_not_count(client: Client) -> None:
+def test_duplicates_do_not_count(client: AppClient) -> None:
     for _ in range(3):
         client.post_signed(message())
     body = client.get("/stats").json()
@@ -42,7 +42,7 @@ def test_duplicates_do_not_count(client: Client) -> None:
     assert body["messages_per_sender"] == [{"from": "+919876543210", "count": 1}]
 
 
-def test_top_ten_cut(client: Client) -> None:
+def test_top_ten_cut(client: AppClient) -> None:
     # Sender i sends i+1 messages: the ten busiest are senders 11 down to 2.
     n = 0
     for i in range(12):
@@ -58,7 +58,7 @@ def test_top_ten_cut(client: Client) -> None:
     assert top[0]["from"] == "+15550000011"
 
 
-def test_first_and_last_are_instants_echoed_as_received(client: Client) -> None:
+def test_first_and_last_are_instants_echoed_as_received(client: AppClient) -> None:
     for mid, ts in [
         ("a", "2025-01-15T10:00:00.5Z"),
         ("b", "2025-01-15T10:00:00Z"),

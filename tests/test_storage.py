@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from app import storage
-from app.migrations import apply_sqlite_schema, split_statements
 from app.models import ListQuery, Message, instant_key
-from app.postgres_store import PostgresStore
-from app.storage import PAGE_SIZE, SQLiteStore, init_sqlite
-from tests.postgres import PostgresCluster
+from app.storage import SQLiteStore, sqlite_checkpoint
+from app.storage.migrations import apply_sqlite_schema, split_statements
+from app.storage.postgres import PostgresStore
+from app.storage.sqlite_connection import PAGE_SIZE, init_sqlite
+from tests.support.postgres import PostgresCluster
 
 AnyStore = SQLiteStore | PostgresStore
 
@@ -178,7 +178,7 @@ async def test_new_databases_get_small_pages_and_old_ones_keep_theirs(tmp_path: 
 
 async def wal_restarts_under_nonstop_load(path: Path, monkeypatch: pytest.MonkeyPatch) -> int:
     """Insert with 32 senders that never pause; how often the WAL started over."""
-    monkeypatch.setattr(storage, "CHECKPOINT_INTERVAL_SECONDS", 0.02)
+    monkeypatch.setattr(sqlite_checkpoint, "CHECKPOINT_INTERVAL_SECONDS", 0.02)
     store = await SQLiteStore.open(str(path))
     try:
 
@@ -198,10 +198,10 @@ async def wal_restarts_under_nonstop_load(path: Path, monkeypatch: pytest.Monkey
 async def test_the_wal_starts_over_under_a_load_that_never_pauses(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(storage, "WAL_RESTART_BYTES", 256 * 1024)
+    monkeypatch.setattr(sqlite_checkpoint, "WAL_RESTART_BYTES", 256 * 1024)
     restarts = await wal_restarts_under_nonstop_load(tmp_path / "shipped.db", monkeypatch)
     # Broken on purpose: PASSIVE checkpoints only, the log is never made to start over.
-    monkeypatch.setattr(storage, "WAL_RESTART_BYTES", 1 << 62)
+    monkeypatch.setattr(sqlite_checkpoint, "WAL_RESTART_BYTES", 1 << 62)
     broken_restarts = await wal_restarts_under_nonstop_load(tmp_path / "broken.db", monkeypatch)
     # The same bar both ways: the shipped checkpointer clears it (10-23 restarts measured
     # here), the broken one does not (0-1: only when a PASSIVE happens to catch up).

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from app.signature import sign
-from tests.conftest import SECRET, AppClient, Client, encode, message
+from tests.support.clients import SECRET, AppClient, MakeClient, encode, message
 
 
-def test_valid_signature_and_new_message_is_stored(client: Client) -> None:
+def test_valid_signature_and_new_message_is_stored(client: AppClient) -> None:
     response = client.post_signed(message())
     assert response.status_code == 200
     assert response.json() == {"status": "ok"}
@@ -20,7 +20,7 @@ def test_valid_signature_and_new_message_is_stored(client: Client) -> None:
     assert stored == [("m1", "+919876543210", "+14155550100", "2025-01-15T10:00:00Z", "Hello")]
 
 
-def test_redelivery_answers_ok_and_stores_one_row(client: Client) -> None:
+def test_redelivery_answers_ok_and_stores_one_row(client: AppClient) -> None:
     assert client.post_signed(message()).status_code == 200
     again = client.post_signed(message())
     assert again.status_code == 200
@@ -28,13 +28,13 @@ def test_redelivery_answers_ok_and_stores_one_row(client: Client) -> None:
     assert client.rows() == [("m1",)]
 
 
-def test_redelivery_with_other_content_keeps_the_first(client: Client) -> None:
+def test_redelivery_with_other_content_keeps_the_first(client: AppClient) -> None:
     client.post_signed(message(text="first"))
     assert client.post_signed(message(text="second")).status_code == 200
     assert client.rows("SELECT text FROM messages") == [("first",)]
 
 
-def test_invalid_signature_is_401_and_stores_nothing(client: Client) -> None:
+def test_invalid_signature_is_401_and_stores_nothing(client: AppClient) -> None:
     response = client.post_signed(message(), secret="wrong-secret")
     assert response.status_code == 401
     assert response.json() == {"detail": "invalid signature"}
@@ -68,7 +68,7 @@ def test_invalid_signature_is_401_and_stores_nothing(client: Client) -> None:
         "non-ascii",
     ],
 )
-def test_missing_or_malformed_signature_is_401(client: Client, signature: str | None) -> None:
+def test_missing_or_malformed_signature_is_401(client: AppClient, signature: str | None) -> None:
     headers: dict[bytes, bytes] = {b"Content-Type": b"application/json"}
     if signature is not None:
         headers[b"X-Signature"] = signature.encode("utf-8")
@@ -78,7 +78,7 @@ def test_missing_or_malformed_signature_is_401(client: Client, signature: str | 
     assert client.rows() == []
 
 
-def test_signature_over_a_different_body_is_401(client: Client) -> None:
+def test_signature_over_a_different_body_is_401(client: AppClient) -> None:
     signed = encode(message())
     sent = encode(message(text="tampered"))
     response = client.post(
@@ -90,7 +90,7 @@ def test_signature_over_a_different_body_is_401(client: Client) -> None:
     assert client.rows() == []
 
 
-def test_signature_is_over_raw_bytes_not_reserialised_json(client: Client) -> None:
+def test_signature_is_over_raw_bytes_not_reserialised_json(client: AppClient) -> None:
     # Same JSON value, different bytes: only the exact bytes that were signed verify.
     raw = (
         b'{ "message_id":"m1", "from":"+919876543210", "to":"+14155550100",'
@@ -112,7 +112,7 @@ def test_signature_is_over_raw_bytes_not_reserialised_json(client: Client) -> No
     assert bad.status_code == 401
 
 
-def test_upper_case_hex_signature_is_accepted(client: Client) -> None:
+def test_upper_case_hex_signature_is_accepted(client: AppClient) -> None:
     raw = encode(message())
     response = client.post(
         "/webhook",
@@ -126,7 +126,7 @@ def test_upper_case_hex_signature_is_accepted(client: Client) -> None:
     assert client.rows() == [("m1",)]
 
 
-def test_body_over_the_limit_with_content_length_is_413(make_client: AppClient) -> None:
+def test_body_over_the_limit_with_content_length_is_413(make_client: MakeClient) -> None:
     client = make_client(max_body_bytes=200)
     body = encode(message(text="x" * 300))
     response = client.post_signed(body)
@@ -134,7 +134,7 @@ def test_body_over_the_limit_with_content_length_is_413(make_client: AppClient) 
     assert client.rows() == []
 
 
-def test_default_limit_is_64_kib(client: Client) -> None:
+def test_default_limit_is_64_kib(client: AppClient) -> None:
     padding = 65536 - len(encode(message(pad="")))
     at_limit = encode(message(pad="x" * padding))
     assert len(at_limit) == 65536
@@ -144,7 +144,7 @@ def test_default_limit_is_64_kib(client: Client) -> None:
     assert client.rows() == [("m1",)]
 
 
-def test_chunked_body_over_the_limit_is_413(make_client: AppClient) -> None:
+def test_chunked_body_over_the_limit_is_413(make_client: MakeClient) -> None:
     client = make_client(max_body_bytes=1000)
     raw = encode(message(pad="x" * 5000))
 
@@ -161,7 +161,7 @@ def test_chunked_body_over_the_limit_is_413(make_client: AppClient) -> None:
     assert client.rows() == []
 
 
-def test_chunked_body_under_the_limit_is_stored(client: Client) -> None:
+def test_chunked_body_under_the_limit_is_stored(client: AppClient) -> None:
     raw = encode(message())
 
     def chunks() -> Iterator[bytes]:
@@ -177,7 +177,7 @@ def test_chunked_body_under_the_limit_is_stored(client: Client) -> None:
     assert client.rows() == [("m1",)]
 
 
-def test_oversized_body_with_bad_signature_is_413(make_client: AppClient) -> None:
+def test_oversized_body_with_bad_signature_is_413(make_client: MakeClient) -> None:
     client = make_client(max_body_bytes=100)
     response = client.post_signed(message(text="x" * 200), secret="wrong")
     assert response.status_code == 413
@@ -192,7 +192,7 @@ def test_oversized_body_with_bad_signature_is_413(make_client: AppClient) -> Non
         "application/jsonx",
     ],
 )
-def test_other_content_type_is_415(client: Client, content_type: str) -> None:
+def test_other_content_type_is_415(client: AppClient, content_type: str) -> None:
     response = client.post_signed(message(), headers={"Content-Type": content_type})
     assert response.status_code == 415
     assert client.rows() == []
@@ -202,11 +202,11 @@ def test_other_content_type_is_415(client: Client, content_type: str) -> None:
     "content_type",
     ["application/json", "application/json; charset=utf-8", "Application/JSON;charset=UTF-8"],
 )
-def test_json_content_types_are_accepted(client: Client, content_type: str) -> None:
+def test_json_content_types_are_accepted(client: AppClient, content_type: str) -> None:
     assert client.post_signed(message(), headers={"Content-Type": content_type}).status_code == 200
 
 
-def test_missing_content_type_is_read_as_json(client: Client) -> None:
+def test_missing_content_type_is_read_as_json(client: AppClient) -> None:
     raw = encode(message())
     response = client.post(
         "/webhook", content=raw, headers={"X-Signature": sign(raw, SECRET.encode())}
@@ -215,18 +215,18 @@ def test_missing_content_type_is_read_as_json(client: Client) -> None:
     assert client.rows() == [("m1",)]
 
 
-def test_wrong_content_type_with_bad_signature_is_401(client: Client) -> None:
+def test_wrong_content_type_with_bad_signature_is_401(client: AppClient) -> None:
     response = client.post_signed(message(), secret="wrong", headers={"Content-Type": "text/plain"})
     assert response.status_code == 401
 
 
-def test_bad_signature_and_bad_body_is_401(client: Client) -> None:
+def test_bad_signature_and_bad_body_is_401(client: AppClient) -> None:
     response = client.post_signed(b"{not json", secret="wrong")
     assert response.status_code == 401
     assert response.json() == {"detail": "invalid signature"}
 
 
-def assert_422(client: Client, body: dict[str, Any] | bytes, field: str | None = None) -> None:
+def assert_422(client: AppClient, body: dict[str, Any] | bytes, field: str | None = None) -> None:
     response = client.post_signed(body)
     assert response.status_code == 422, response.text
     detail = response.json()["detail"]
@@ -254,12 +254,12 @@ def assert_422(client: Client, body: dict[str, Any] | bytes, field: str | None =
     ],
     ids=["garbage", "empty", "truncated", "trailing", "bom", "nan", "deep", "huge-number"],
 )
-def test_body_that_is_not_json_is_422(client: Client, raw: bytes) -> None:
+def test_body_that_is_not_json_is_422(client: AppClient, raw: bytes) -> None:
     assert_422(client, raw)
 
 
 @pytest.mark.parametrize("raw", [b"[]", b'"text"', b"1", b"null", b"true"])
-def test_body_that_is_not_an_object_is_422(client: Client, raw: bytes) -> None:
+def test_body_that_is_not_an_object_is_422(client: AppClient, raw: bytes) -> None:
     assert_422(client, raw)
 
 
@@ -272,7 +272,7 @@ def test_body_that_is_not_an_object_is_422(client: Client, raw: bytes) -> None:
     ],
     ids=["invalid-utf8", "utf16", "lone-surrogate"],
 )
-def test_body_that_is_not_utf8_is_422(client: Client, raw: bytes) -> None:
+def test_body_that_is_not_utf8_is_422(client: AppClient, raw: bytes) -> None:
     assert_422(client, raw)
 
 
@@ -320,7 +320,7 @@ INVALID_FIELDS: list[tuple[str, Any]] = [
 
 
 @pytest.mark.parametrize(("field", "value"), INVALID_FIELDS)
-def test_each_field_rule_is_422(client: Client, field: str, value: Any) -> None:
+def test_each_field_rule_is_422(client: AppClient, field: str, value: Any) -> None:
     body = message(**{field: value})
     response = client.post_signed(body)
     assert response.status_code == 422, response.text
@@ -333,7 +333,7 @@ def test_each_field_rule_is_422(client: Client, field: str, value: Any) -> None:
 
 
 @pytest.mark.parametrize("field", ["message_id", "from", "to", "ts"])
-def test_missing_required_field_is_422(client: Client, field: str) -> None:
+def test_missing_required_field_is_422(client: AppClient, field: str) -> None:
     body = message()
     del body[field]
     assert_422(client, body, field)
@@ -354,19 +354,19 @@ def test_missing_required_field_is_422(client: Client, field: str) -> None:
         ("message_id", "x" * 256),
     ],
 )
-def test_edge_values_that_are_valid_are_stored(client: Client, field: str, value: Any) -> None:
+def test_edge_values_that_are_valid_are_stored(client: AppClient, field: str, value: Any) -> None:
     assert client.post_signed(message(**{field: value})).status_code == 200
     assert client.rows("SELECT count(*) FROM messages") == [(1,)]
 
 
-def test_absent_text_is_stored_as_null(client: Client) -> None:
+def test_absent_text_is_stored_as_null(client: AppClient) -> None:
     body = message()
     del body["text"]
     assert client.post_signed(body).status_code == 200
     assert client.rows("SELECT text FROM messages") == [(None,)]
 
 
-def test_unknown_fields_are_ignored(client: Client) -> None:
+def test_unknown_fields_are_ignored(client: AppClient) -> None:
     response = client.post_signed(message(extra="field", nested={"a": [1, 2]}))
     assert response.status_code == 200
     assert client.rows() == [("m1",)]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import sqlite3
 from collections.abc import Iterator
@@ -14,99 +12,35 @@ import httpx2 as httpx
 import pytest
 
 from app.metrics import WHATSAPP_MESSAGE_RESULTS, WHATSAPP_RESULTS, WHATSAPP_STATUSES
-from tests.conftest import AppClient, Client
-from tests.test_logging import lines
+from tests.support.clients import AppClient, MakeClient, json_lines
+from tests.support.meta import (
+    APP_SECRET,
+    PATH,
+    ROWS,
+    VERIFY_TOKEN,
+    batch,
+    change,
+    hub_signature,
+    image_message,
+    meta_bytes,
+    status,
+    text_message,
+)
 
-APP_SECRET = "meta-app-secret"
-VERIFY_TOKEN = "a-verify-token"
-PATH = "/webhook/whatsapp"
-BUSINESS = "15550783881"
-ROWS = "SELECT message_id, from_msisdn, to_msisdn, ts, text FROM messages ORDER BY message_id"
 
-
-def enabled(make_client: AppClient, **overrides: Any) -> Client:
+def enabled(make_client: MakeClient, **overrides: Any) -> AppClient:
     return make_client(
         whatsapp_app_secret=APP_SECRET, whatsapp_verify_token=VERIFY_TOKEN, **overrides
     )
 
 
 @pytest.fixture
-def wa(make_client: AppClient) -> Client:
+def wa(make_client: MakeClient) -> AppClient:
     return enabled(make_client)
 
 
-def text_message(wamid: str, sender: str = "16315551234", body: str = "Hello") -> dict[str, Any]:
-    return {
-        "from": sender,
-        "id": wamid,
-        "timestamp": "1603059201",
-        "text": {"body": body},
-        "type": "text",
-    }
-
-
-def image_message(wamid: str) -> dict[str, Any]:
-    return {
-        "from": "16315551234",
-        "id": wamid,
-        "timestamp": "1603059202",
-        "type": "image",
-        "image": {
-            "caption": "a caption is not text",
-            "mime_type": "image/jpeg",
-            "sha256": "81d3bd8a8db4868c9520ed47186e8b7c5789e61ff79f7f834be6950b808a90d3",
-            "id": "2754859441498128",
-        },
-    }
-
-
-def status(wamid: str, state: str) -> dict[str, Any]:
-    return {
-        "id": wamid,
-        "status": state,
-        "timestamp": "1750857384",
-        "recipient_id": "5516992318222",
-        "conversation": {"id": "a75d17ad06104c51166f948319b03c6a", "origin": {"type": "service"}},
-        "pricing": {"billable": True, "pricing_model": "CBP", "category": "service"},
-    }
-
-
-def change(
-    messages: list[Any] | None = None,
-    statuses: list[Any] | None = None,
-    display: str = BUSINESS,
-    field: str = "messages",
-) -> dict[str, Any]:
-    value: dict[str, Any] = {
-        "messaging_product": "whatsapp",
-        "metadata": {"display_phone_number": display, "phone_number_id": "106540352242922"},
-    }
-    if messages is not None:
-        value["contacts"] = [{"profile": {"name": "Kerry Fisher"}, "wa_id": "16315551234"}]
-        value["messages"] = messages
-    if statuses is not None:
-        value["statuses"] = statuses
-    return {"value": value, "field": field}
-
-
-def batch(*changes: dict[str, Any], entries: int = 1) -> dict[str, Any]:
-    return {
-        "object": "whatsapp_business_account",
-        "entry": [{"id": f"10245607{n}", "changes": list(changes)} for n in range(entries)],
-    }
-
-
-def meta_bytes(payload: dict[str, Any]) -> bytes:
-    # Meta escapes every non-ASCII character (and '/') in what it sends and signs.
-    return json.dumps(payload, separators=(",", ":")).replace("/", "\\/").encode()
-
-
-def hub_signature(raw: bytes, secret: str = APP_SECRET) -> str:
-    return "sha256=" + hmac.new(secret.encode(), raw, hashlib.sha256).hexdigest()
-
-
 def post(
-    client: Client,
+    client: AppClient,
     payload: dict[str, Any] | bytes,
     *,
     signature: str | None = None,
@@ -120,7 +54,7 @@ def post(
     return client.post(PATH, content=raw, headers=sent)
 
 
-def counts(client: Client, name: str, label: str, values: tuple[str, ...]) -> dict[str, float]:
+def counts(client: AppClient, name: str, label: str, values: tuple[str, ...]) -> dict[str, float]:
     return {value: client.metric(name, **{label: value}) for value in values}
 
 
@@ -132,7 +66,7 @@ def counts(client: Client, name: str, label: str, values: tuple[str, ...]) -> di
     [{}, {"whatsapp_app_secret": APP_SECRET}, {"whatsapp_verify_token": VERIFY_TOKEN}],
 )
 def test_disabled_until_both_settings_are_set(
-    make_client: AppClient, configured: dict[str, str]
+    make_client: MakeClient, configured: dict[str, str]
 ) -> None:
     client = make_client(**configured)
     handshake = client.get(
@@ -146,15 +80,15 @@ def test_disabled_until_both_settings_are_set(
 
 
 def test_one_setting_alone_is_warned_about_at_start_up(
-    capsys: pytest.CaptureFixture[str], make_client: AppClient
+    capsys: pytest.CaptureFixture[str], make_client: MakeClient
 ) -> None:
     make_client(whatsapp_app_secret=APP_SECRET)
-    warned = [line for line in lines(capsys.readouterr().out) if line["level"] == "WARNING"]
+    warned = [line for line in json_lines(capsys.readouterr().out) if line["level"] == "WARNING"]
     assert [line["missing"] for line in warned] == ["WHATSAPP_VERIFY_TOKEN"]
     assert APP_SECRET not in json.dumps(warned)
 
 
-def test_enabled_routes_are_described(wa: Client) -> None:
+def test_enabled_routes_are_described(wa: AppClient) -> None:
     described = wa.get("/openapi.json").json()["paths"][PATH]
     assert set(described) == {"get", "post"}
 
@@ -162,7 +96,7 @@ def test_enabled_routes_are_described(wa: Client) -> None:
 # The handshake
 
 
-def test_handshake_echoes_the_challenge_as_plain_text(wa: Client) -> None:
+def test_handshake_echoes_the_challenge_as_plain_text(wa: AppClient) -> None:
     response = wa.get(
         PATH,
         params={
@@ -198,7 +132,7 @@ def test_handshake_echoes_the_challenge_as_plain_text(wa: Client) -> None:
         {},
     ],
 )
-def test_handshake_is_403_otherwise(wa: Client, params: dict[str, str]) -> None:
+def test_handshake_is_403_otherwise(wa: AppClient, params: dict[str, str]) -> None:
     response = wa.get(PATH, params=params)
     assert response.status_code == 403
     assert "1" not in response.text.replace("403", "")
@@ -208,7 +142,7 @@ def test_handshake_is_403_otherwise(wa: Client, params: dict[str, str]) -> None:
 # Batches
 
 
-def test_a_text_message_is_stored_as_ours(wa: Client) -> None:
+def test_a_text_message_is_stored_as_ours(wa: AppClient) -> None:
     response = post(wa, batch(change([text_message("wamid.HBgLMTY1MDM4Nzk0MzkVAgA=")])))
     assert response.status_code == 200
     assert response.json() == {"status": "ok"}
@@ -231,14 +165,14 @@ def test_a_text_message_is_stored_as_ours(wa: Client) -> None:
     assert wa.metric("whatsapp_requests_total", result="accepted") == 1
 
 
-def test_an_image_is_stored_with_null_text(wa: Client) -> None:
+def test_an_image_is_stored_with_null_text(wa: AppClient) -> None:
     assert post(wa, batch(change([image_message("wamid.img")]))).status_code == 200
     assert wa.rows("SELECT message_id, ts, text FROM messages") == [
         ("wamid.img", "2020-10-18T22:13:22Z", None)
     ]
 
 
-def test_every_message_of_every_entry_and_change_is_stored(wa: Client) -> None:
+def test_every_message_of_every_entry_and_change_is_stored(wa: AppClient) -> None:
     payload = {
         "object": "whatsapp_business_account",
         "entry": [
@@ -262,7 +196,7 @@ def test_every_message_of_every_entry_and_change_is_stored(wa: Client) -> None:
     assert wa.metric("whatsapp_messages_total", result="created") == 4
 
 
-def test_the_business_number_must_be_e164_with_or_without_its_plus(wa: Client) -> None:
+def test_the_business_number_must_be_e164_with_or_without_its_plus(wa: AppClient) -> None:
     payload = batch(
         change([text_message("wamid.plain")]),
         change([text_message("wamid.plus")], display="+14155550100"),
@@ -278,7 +212,7 @@ def test_the_business_number_must_be_e164_with_or_without_its_plus(wa: Client) -
     assert wa.metric("whatsapp_messages_total", result="invalid") == 3
 
 
-def test_statuses_only_store_nothing_and_are_counted(wa: Client) -> None:
+def test_statuses_only_store_nothing_and_are_counted(wa: AppClient) -> None:
     states = ["sent", "delivered", "read", "read", "failed", "deleted", "brand-new-state"]
     payload = batch(change(statuses=[status(f"wamid.s{n}", s) for n, s in enumerate(states)]))
     payload["entry"][0]["changes"][0]["value"]["statuses"].append("not an object")
@@ -295,14 +229,14 @@ def test_statuses_only_store_nothing_and_are_counted(wa: Client) -> None:
     assert "brand-new-state" not in wa.get("/metrics").text
 
 
-def test_messages_and_statuses_in_one_change(wa: Client) -> None:
+def test_messages_and_statuses_in_one_change(wa: AppClient) -> None:
     payload = batch(change([text_message("wamid.m")], statuses=[status("wamid.x", "delivered")]))
     assert post(wa, payload).status_code == 200
     assert wa.rows() == [("wamid.m",)]
     assert wa.metric("whatsapp_statuses_total", status="delivered") == 1
 
 
-def test_non_ascii_text_is_verified_over_the_bytes_meta_sends(wa: Client) -> None:
+def test_non_ascii_text_is_verified_over_the_bytes_meta_sends(wa: AppClient) -> None:
     text = "Olá! Grüße 👋🏽 — مرحبا / 你好"
     raw = meta_bytes(batch(change([text_message("wamid.u", body=text)])))
     assert b"\\ud83d\\udc4b" in raw  # the emoji as Meta sends it: an escaped surrogate pair
@@ -315,7 +249,7 @@ def test_non_ascii_text_is_verified_over_the_bytes_meta_sends(wa: Client) -> Non
     assert wa.rows("SELECT text FROM messages") == [(text,)]
 
 
-def test_raw_utf8_text_is_stored_too(wa: Client) -> None:
+def test_raw_utf8_text_is_stored_too(wa: AppClient) -> None:
     raw = json.dumps(
         batch(change([text_message("wamid.r", body="naïve café")])), ensure_ascii=False
     )
@@ -323,7 +257,7 @@ def test_raw_utf8_text_is_stored_too(wa: Client) -> None:
     assert wa.rows("SELECT text FROM messages") == [("naïve café",)]
 
 
-def test_a_redelivered_batch_stores_nothing_twice(wa: Client) -> None:
+def test_a_redelivered_batch_stores_nothing_twice(wa: AppClient) -> None:
     payload = batch(change([text_message("wamid.1"), text_message("wamid.2")]), entries=2)
     # The same two messages in two entries: one row each, even within one batch.
     assert post(wa, payload).status_code == 200
@@ -337,7 +271,7 @@ def test_a_redelivered_batch_stores_nothing_twice(wa: Client) -> None:
 
 
 def test_one_malformed_message_does_not_block_the_rest(
-    capsys: pytest.CaptureFixture[str], make_client: AppClient
+    capsys: pytest.CaptureFixture[str], make_client: MakeClient
 ) -> None:
     wa = enabled(make_client)
     bad_sender = text_message("wamid.bad1", sender="0123")
@@ -368,7 +302,7 @@ def test_one_malformed_message_does_not_block_the_rest(
         "duplicate": 0,
         "invalid": 6,
     }
-    logged = lines(capsys.readouterr().out)
+    logged = json_lines(capsys.readouterr().out)
     skipped = [line for line in logged if line["msg"] == "whatsapp message skipped"]
     assert [line["where"] for line in skipped] == [
         f"entry[0].changes[0].value.messages[{n}]" for n in range(1, 7)
@@ -388,7 +322,7 @@ def test_one_malformed_message_does_not_block_the_rest(
     assert (summary["stored"], summary["invalid"]) == (2, 6)
 
 
-def test_malformed_parts_of_a_batch_are_skipped_and_counted(wa: Client) -> None:
+def test_malformed_parts_of_a_batch_are_skipped_and_counted(wa: AppClient) -> None:
     payload = {
         "object": "whatsapp_business_account",
         "entry": [
@@ -422,7 +356,7 @@ def test_malformed_parts_of_a_batch_are_skipped_and_counted(wa: Client) -> None:
         (b"\xff\xfe", ["body"]),
     ],
 )
-def test_a_body_that_is_not_a_batch_is_422(wa: Client, raw: bytes, loc: list[str]) -> None:
+def test_a_body_that_is_not_a_batch_is_422(wa: AppClient, raw: bytes, loc: list[str]) -> None:
     response = post(wa, raw)
     assert response.status_code == 422
     (error,) = response.json()["detail"]
@@ -430,7 +364,7 @@ def test_a_body_that_is_not_a_batch_is_422(wa: Client, raw: bytes, loc: list[str
     assert wa.metric("whatsapp_requests_total", result="invalid_payload") == 1
 
 
-def test_an_empty_batch_is_200(wa: Client) -> None:
+def test_an_empty_batch_is_200(wa: AppClient) -> None:
     assert post(wa, {"object": "whatsapp_business_account", "entry": []}).status_code == 200
 
 
@@ -450,7 +384,7 @@ def test_an_empty_batch_is_200(wa: Client) -> None:
     ],
     ids=["empty", "prefix-only", "zeros", "other-body", "other-secret", "no-prefix", "sha1"],
 )
-def test_a_bad_signature_is_401_and_stores_nothing(wa: Client, signature: str) -> None:
+def test_a_bad_signature_is_401_and_stores_nothing(wa: AppClient, signature: str) -> None:
     response = post(wa, batch(change([text_message("wamid.1")])), signature=signature)
     assert response.status_code == 401
     assert response.json() == {"detail": "invalid signature"}
@@ -458,14 +392,14 @@ def test_a_bad_signature_is_401_and_stores_nothing(wa: Client, signature: str) -
     assert wa.metric("whatsapp_requests_total", result="invalid_signature") == 1
 
 
-def test_a_missing_signature_is_401(wa: Client) -> None:
+def test_a_missing_signature_is_401(wa: AppClient) -> None:
     raw = meta_bytes(batch(change([text_message("wamid.1")])))
     response = wa.post(PATH, content=raw, headers={"Content-Type": "application/json"})
     assert response.status_code == 401
     assert wa.rows() == []
 
 
-def test_two_signature_headers_are_401(wa: Client) -> None:
+def test_two_signature_headers_are_401(wa: AppClient) -> None:
     raw = meta_bytes(batch(change([text_message("wamid.1")])))
     good = hub_signature(raw).encode()
     response = wa.post(
@@ -477,25 +411,27 @@ def test_two_signature_headers_are_401(wa: Client) -> None:
     assert wa.rows() == []
 
 
-def test_a_bad_signature_is_checked_before_parsing(wa: Client) -> None:
+def test_a_bad_signature_is_checked_before_parsing(wa: AppClient) -> None:
     response = post(wa, b"not json at all", signature="sha256=" + "0" * 64)
     assert response.status_code == 401
 
 
 def test_a_rejected_signature_logs_an_error(
-    capsys: pytest.CaptureFixture[str], make_client: AppClient
+    capsys: pytest.CaptureFixture[str], make_client: MakeClient
 ) -> None:
     wa = enabled(make_client)
     capsys.readouterr()
     post(wa, batch(change([text_message("wamid.1")])), signature="sha256=" + "0" * 64)
-    (access,) = [line for line in lines(capsys.readouterr().out) if line["logger"] == "app.access"]
+    (access,) = [
+        line for line in json_lines(capsys.readouterr().out) if line["logger"] == "app.access"
+    ]
     assert (access["status"], access["level"], access["path"]) == (401, "ERROR", PATH)
 
 
 # Limits and storage
 
 
-def test_a_body_over_the_limit_is_413(make_client: AppClient) -> None:
+def test_a_body_over_the_limit_is_413(make_client: MakeClient) -> None:
     client = enabled(make_client, whatsapp_max_body_bytes=300)
     payload = batch(change([text_message("wamid.1", body="x" * 400)]))
     assert post(client, payload).status_code == 413
@@ -514,7 +450,7 @@ def test_a_body_over_the_limit_is_413(make_client: AppClient) -> None:
 
 
 def test_a_locked_database_is_503_and_the_retry_completes_the_batch(
-    make_client: AppClient, db_path: Path
+    make_client: MakeClient, db_path: Path
 ) -> None:
     client = enabled(make_client, database_url=f"sqlite:///{db_path}", sqlite_busy_timeout_ms=100)
     payload = batch(change([text_message("wamid.1"), text_message("wamid.2")]))
@@ -534,7 +470,7 @@ def test_a_locked_database_is_503_and_the_retry_completes_the_batch(
     assert client.metric("whatsapp_requests_total", result="accepted") == 1
 
 
-def test_every_whatsapp_line_exists_from_start_up(client: Client) -> None:
+def test_every_whatsapp_line_exists_from_start_up(client: AppClient) -> None:
     text = client.get("/metrics").text
     for result in WHATSAPP_RESULTS:
         assert f'whatsapp_requests_total{{result="{result}"}} 0.0' in text
@@ -544,7 +480,7 @@ def test_every_whatsapp_line_exists_from_start_up(client: Client) -> None:
         assert f'whatsapp_statuses_total{{status="{state}"}} 0.0' in text
 
 
-def test_requests_are_labelled_by_the_route(wa: Client) -> None:
+def test_requests_are_labelled_by_the_route(wa: AppClient) -> None:
     post(wa, batch(change([text_message("wamid.1")])))
     wa.get(PATH, params={"hub.mode": "subscribe"})
     assert wa.metric("http_requests_total", path=PATH, status="200") == 1
@@ -552,7 +488,7 @@ def test_requests_are_labelled_by_the_route(wa: Client) -> None:
 
 
 def test_secrets_text_and_numbers_never_reach_the_logs(
-    capsys: pytest.CaptureFixture[str], make_client: AppClient
+    capsys: pytest.CaptureFixture[str], make_client: MakeClient
 ) -> None:
     wa = enabled(make_client)
     capsys.readouterr()

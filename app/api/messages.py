@@ -1,0 +1,123 @@
+"""GET /messages and GET /stats: the stored messages, listed, searched and counted."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Response
+from pydantic import AfterValidator, BeforeValidator
+
+from app.api.deps import UNAVAILABLE, SettingsDep, StoreDep, json_response, unavailable
+from app.models import (
+    INSTANT_PATTERN,
+    NO_NUL_PATTERN,
+    ListQuery,
+    MessagePage,
+    Stats,
+    check_instant,
+    check_msisdn,
+    decode_cursor,
+    instant_key,
+    no_nul,
+)
+from app.storage import StorageUnavailable
+
+logger = logging.getLogger("app.api")
+
+router = APIRouter()
+
+Q_MAX = 256
+OFFSET_MAX = 1_000_000_000
+# For the OpenAPI document: what a query parameter must look like (the validators decide).
+SENDER_PATTERN = r"^[ +][1-9][0-9]{1,14}$"
+CURSOR_PATTERN = r"^[A-Za-z0-9_-]{1,1024}$"
+
+
+def plus_for_space(value: object) -> object:
+    # ?from=+91... unencoded arrives as " 91...": the '+' became a space.
+    if isinstance(value, str) and value.startswith(" "):
+        return "+" + value[1:]
+    return value
+
+
+def optional(check: Any) -> AfterValidator:
+    return AfterValidator(lambda value: value if value is None else check(value))
+
+
+def check_cursor(value: str) -> str:
+    decode_cursor(value)
+    return value
+
+
+# The routes return bytes serialised once by Pydantic (a Response, so FastAPI does not
+# validate and serialise the model a second time); response_model is there for the
+# OpenAPI document alone.
+@router.get(
+    "/messages", response_model=MessagePage, summary="List stored messages", responses=UNAVAILABLE
+)
+async def list_messages(
+    store: StoreDep,
+    settings: SettingsDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 50,
+    offset: Annotated[int, Query(ge=0, le=OFFSET_MAX)] = 0,
+    sender: Annotated[
+        str | None,
+        Query(
+            alias="from",
+            description="Exact sender, E.164 (a leading space reads as '+')",
+            json_schema_extra={"pattern": SENDER_PATTERN},
+        ),
+        BeforeValidator(plus_for_space),
+        optional(check_msisdn),
+    ] = None,
+    since: Annotated[
+        str | None,
+        Query(
+            description="Only messages with ts >= since (ISO-8601 UTC, like ts)",
+            json_schema_extra={"pattern": INSTANT_PATTERN},
+        ),
+        optional(check_instant),
+    ] = None,
+    q: Annotated[
+        str | None,
+        Query(
+            max_length=Q_MAX,
+            description="Case-insensitive substring of text",
+            json_schema_extra={"pattern": NO_NUL_PATTERN},
+        ),
+        optional(no_nul),
+    ] = None,
+    cursor: Annotated[
+        str | None,
+        Query(
+            description="next_cursor from the previous page: keyset paging",
+            json_schema_extra={"pattern": CURSOR_PATTERN},
+        ),
+        optional(check_cursor),
+    ] = None,
+) -> Response:
+    query = ListQuery(
+        limit=limit,
+        offset=offset,
+        sender=sender,
+        since_key=None if since is None else instant_key(since),
+        q=q or None,
+        after=decode_cursor(cursor) if cursor is not None else None,
+    )
+    try:
+        page = await store.list_messages(query)
+    except StorageUnavailable as exc:
+        logger.warning("read failed", extra={"reason": str(exc)})
+        return unavailable(settings)
+    return json_response(page.model_dump_json().encode())
+
+
+@router.get("/stats", response_model=Stats, summary="Message counts", responses=UNAVAILABLE)
+async def stats(store: StoreDep, settings: SettingsDep) -> Response:
+    try:
+        result = await store.stats()
+    except StorageUnavailable as exc:
+        logger.warning("read failed", extra={"reason": str(exc)})
+        return unavailable(settings)
+    return json_response(result.model_dump_json(by_alias=True).encode())

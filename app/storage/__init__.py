@@ -1,0 +1,32 @@
+"""Message stores: the interface, its two backends, and the one place that picks one.
+
+`app.storage` is the import path the brief names; the interface lives in `base`, each
+backend in its own modules (sqlite*, postgres*), the schema in `schema/` and `migrations`.
+"""
+
+from __future__ import annotations
+
+from app.config import Settings
+from app.storage.base import MessageStore, StorageUnavailable
+from app.storage.postgres import PostgresStore
+from app.storage.sqlite import SQLiteStore
+
+__all__ = ["MessageStore", "PostgresStore", "SQLiteStore", "StorageUnavailable", "open_store"]
+
+
+async def open_store(settings: Settings) -> MessageStore:
+    """The store DATABASE_URL names, opened (schema applied) and ready to serve."""
+    database = settings.database
+    if database.scheme == "sqlite":
+        return await SQLiteStore.open(
+            database.target,
+            busy_timeout_ms=settings.sqlite_busy_timeout_ms,
+            write_timeout=settings.write_timeout_seconds,
+        )
+    return await PostgresStore.open(
+        database.target,
+        pool_size=settings.database_pool_size,
+        write_timeout=settings.write_timeout_seconds,
+        read_timeout=settings.read_timeout_seconds,
+        startup_timeout=settings.database_startup_timeout_seconds,
+    )

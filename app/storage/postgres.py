@@ -1,0 +1,334 @@
+"""The message store on PostgreSQL, for several API replicas on one database.
+
+The same schema and answers as the SQLite store (app/storage/schema/postgres/
+mirrors app/storage/schema/sqlite/), on asyncpg:
+
+- Inserts are grouped as with SQLite: while a few statements are in flight, requests
+  queue up, and the next statement takes every row waiting by then, as one
+  `INSERT ... SELECT FROM unnest(...) ON CONFLICT (message_id) DO NOTHING RETURNING
+  message_id`, committed with synchronous_commit on. The returned ids are the new ones:
+  never a read first, so concurrent deliveries on any replicas store one row and report
+  one `created`.
+- /stats aggregates are kept without a hot row: an insert appends a delta, a background
+  task folds the deltas into per-sender and total counts (one replica at a time), and a
+  read adds the pending deltas to the folded counts in one snapshot (see the schema).
+- Each read is one statement (one snapshot): the page and its `total` always agree.
+- When the database goes away, calls fail fast with StorageUnavailable (a 503 with
+  Retry-After); the pool replaces broken connections as they are next used, so the
+  service recovers by itself when the database comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import asyncpg
+
+from app.models import ListQuery, Message, MessagePage, SenderCount, Stats
+from app.storage.base import StorageUnavailable
+from app.storage.migrations import SCHEMA_VERSION, apply_postgres_schema
+from app.storage.postgres_sql import (
+    CHECK_SCHEMA,
+    INSERT_MANY,
+    MAX_BATCH,
+    PROBE_WRITE,
+    STATS,
+    list_statement,
+)
+from app.storage.rows import Row, build_page, message_row, utc_now
+
+logger = logging.getLogger("app.storage")
+
+T = TypeVar("T")
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+    Connection = PoolConnectionProxy[asyncpg.Record]
+
+# What a database that is away, restarting, full or read-only raises through asyncpg.
+DATABASE_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+# What start-up waits out (the database is still booting, or not listening yet); any
+# other error (a wrong password, a missing database) is a configuration error.
+TRANSIENT_AT_START = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+)
+# What a row itself can cause (a value or a constraint the database refuses): that row
+# fails, the others in its batch are retried without it.
+ROW_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+CONNECT_TIMEOUT_SECONDS = 5.0
+FOLD_INTERVAL_SECONDS = 1.0
+CLOSE_TIMEOUT_SECONDS = 10.0
+
+
+class RowRejected(Exception):
+    """The database refused something about the rows, not the connection."""
+
+
+def describe(exc: BaseException) -> str:
+    """The error's type and SQLSTATE, never its message (it can quote row data)."""
+    code = getattr(exc, "sqlstate", None)
+    name = type(exc).__name__
+    return f"{name} ({code})" if code else name
+
+
+class PostgresStore:
+    """MessageStore on PostgreSQL. Build it with `await PostgresStore.open(url, ...)`."""
+
+    def __init__(self, pool: asyncpg.Pool, *, write_timeout: float, read_timeout: float) -> None:
+        self._pool = pool
+        self._write_timeout = write_timeout
+        self._read_timeout = read_timeout
+        # False after a failed write, True after a good one: readiness reads it.
+        self._healthy = True
+        self._folder: asyncio.Task[None] | None = None
+        self._waiting: list[tuple[Row, asyncio.Future[bool]]] = []
+        self._flushers: set[asyncio.Task[None]] = set()
+        self._max_flushers = max(1, pool.get_max_size() // 2)
+        # Counted by the flushers themselves, not by their tasks' done-callbacks (which
+        # run a step later): a row queued just as the last flusher quits must start another.
+        self._active_flushers = 0
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        *,
+        pool_size: int = 10,
+        write_timeout: float = 5.0,
+        read_timeout: float = 5.0,
+        startup_timeout: float = 30.0,
+        fold_interval: float = FOLD_INTERVAL_SECONDS,
+    ) -> PostgresStore:
+        await migrate(url, startup_timeout=startup_timeout)
+        pool = await asyncpg.create_pool(
+            url,
+            min_size=1,
+            max_size=pool_size,
+            timeout=CONNECT_TIMEOUT_SECONDS,
+            # Whatever the server's default: a commit returns once its WAL is flushed.
+            server_settings={
+                "synchronous_commit": "on",
+                "application_name": "webhook-receiver",
+            },
+        )
+        store = cls(pool, write_timeout=write_timeout, read_timeout=read_timeout)
+        store._folder = asyncio.create_task(
+            store._fold_forever(fold_interval), name="fold-message-counts"
+        )
+        return store
+
+    async def insert(self, message: Message) -> bool:
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiting.append((message_row(message), future))
+        if self._active_flushers < self._max_flushers:
+            self._active_flushers += 1
+            flusher = asyncio.create_task(self._flush())
+            self._flushers.add(flusher)
+            flusher.add_done_callback(self._flushers.discard)
+        try:
+            return await asyncio.wait_for(future, self._write_timeout)
+        except TimeoutError:
+            # The row may still commit later; the sender's retry is then a duplicate.
+            raise StorageUnavailable("write timed out") from None
+
+    async def _flush(self) -> None:
+        # Group commit: while up to _max_flushers statements are in flight, requests
+        # queue up, and the next statement takes every row waiting by then.
+        try:
+            while self._waiting:
+                batch = self._waiting[:MAX_BATCH]
+                del self._waiting[:MAX_BATCH]
+                await self._commit(batch)
+        finally:
+            self._active_flushers -= 1
+
+    async def _commit(self, batch: list[tuple[Row, asyncio.Future[bool]]]) -> None:
+        now = utc_now()
+        # Rows in message_id order: two batches holding the same ids (one delivery sent
+        # to two replicas) then take their index locks in the same order, and wait for
+        # each other instead of deadlocking.
+        rows = sorted((row for row, _ in batch), key=lambda row: str(row[0]))
+        columns = [list(column) for column in zip(*rows, strict=True)]
+
+        async def run(conn: Connection) -> set[str]:
+            try:
+                records = await conn.fetch(INSERT_MANY, *columns, now)
+            except ROW_ERRORS as exc:
+                raise RowRejected(describe(exc)) from None
+            return {record[0] for record in records}
+
+        try:
+            created = await self._with_connection(run, self._write_timeout)
+        except StorageUnavailable as exc:
+            # Away, full, read-only: the database, not the rows. Fail them all.
+            self._healthy = False
+            _fail(batch, exc)
+            return
+        except Exception:
+            if len(batch) > 1:
+                # Something about one row (it should not happen: rows are validated).
+                # Retry one by one so that a single bad row fails alone.
+                for one in batch:
+                    await self._commit([one])
+                return
+            logger.exception("insert failed")
+            _fail(batch, StorageUnavailable("insert failed"))
+            return
+        self._healthy = True
+        for row, future in batch:
+            # Only the first delivery of an id in this batch reports it as new.
+            new = row[0] in created
+            created.discard(row[0])
+            if not future.done():
+                future.set_result(new)
+
+    async def list_messages(self, query: ListQuery) -> MessagePage:
+        sql, args = list_statement(query)
+
+        async def run(conn: Connection) -> list[asyncpg.Record]:
+            return list(await conn.fetch(sql, *args))
+
+        records = await self._with_connection(run, self._read_timeout)
+        total = int(records[0]["total"])
+        rows = [tuple(record)[1:] for record in records if record["message_id"] is not None]
+        return build_page(rows, total, query)
+
+    async def stats(self) -> Stats:
+        async def run(conn: Connection) -> asyncpg.Record | None:
+            return await conn.fetchrow(STATS)
+
+        record = await self._with_connection(run, self._read_timeout)
+        if record is None:
+            raise StorageUnavailable("message_totals has no row")
+        top = zip(record["top_senders"], record["top_counts"], strict=True)
+        return Stats(
+            total_messages=record["total"],
+            senders_count=record["senders"],
+            messages_per_sender=[SenderCount(from_=sender, count=count) for sender, count in top],
+            first_message_ts=record["first_ts"],
+            last_message_ts=record["last_ts"],
+        )
+
+    async def ping(self) -> None:
+        async def run(conn: Connection) -> int | None:
+            version, _ = await conn.fetchrow(CHECK_SCHEMA) or (None, None)
+            if version == SCHEMA_VERSION and not self._healthy:
+                # The last write failed: only a write proves that writes work again.
+                await conn.execute(PROBE_WRITE, utc_now())
+            return None if version is None else int(version)
+
+        version = await self._with_connection(run, self._write_timeout)
+        if version != SCHEMA_VERSION:
+            raise StorageUnavailable(f"schema version is {version}, expected {SCHEMA_VERSION}")
+        self._healthy = True
+
+    async def fold(self) -> int:
+        """Fold pending count deltas now; -1 if another process is folding."""
+
+        async def run(conn: Connection) -> int:
+            return int(await conn.fetchval("SELECT fold_message_counts()"))
+
+        return await self._with_connection(run, self._write_timeout)
+
+    async def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        """Run one read-only statement (diagnostics and tests; not part of the API)."""
+        if not sql.lstrip().lower().startswith(("select", "with", "show")):
+            raise ValueError("query() runs read-only statements only")
+
+        async def run(conn: Connection) -> list[Row]:
+            async with conn.transaction(readonly=True):
+                return [tuple(record) for record in await conn.fetch(sql, *params)]
+
+        return await self._with_connection(run, self._read_timeout)
+
+    async def close(self) -> None:
+        if self._flushers:
+            await asyncio.wait(self._flushers, timeout=self._write_timeout)
+        if self._folder is not None:
+            self._folder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._folder
+        try:
+            await asyncio.wait_for(self._pool.close(), CLOSE_TIMEOUT_SECONDS)
+        except TimeoutError:
+            self._pool.terminate()
+
+    async def _with_connection(self, fn: Callable[[Connection], Awaitable[T]], timeout: float) -> T:
+        # One deadline for waiting on the pool, (re)connecting and the statement: a
+        # database that does not answer costs a request `timeout`, then a 503.
+        try:
+            async with asyncio.timeout(timeout), self._pool.acquire() as conn:
+                return await fn(conn)
+        except DATABASE_ERRORS as exc:
+            # The caller logs the reason along with what it was doing.
+            raise StorageUnavailable(describe(exc)) from None
+
+    async def _fold_forever(self, interval: float) -> None:
+        failing = False
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.fold()
+            except StorageUnavailable as exc:
+                if not failing:
+                    logger.warning("cannot fold counts", extra={"reason": str(exc)})
+                failing = True
+                continue
+            if failing:
+                logger.info("folding counts again")
+                failing = False
+
+
+def _fail(batch: list[tuple[Row, asyncio.Future[bool]]], error: StorageUnavailable) -> None:
+    for _, future in batch:
+        if not future.done():
+            future.set_exception(error)
+
+
+async def migrate(url: str, *, startup_timeout: float = 0.0) -> int:
+    """Apply the schema, waiting up to `startup_timeout` for the database to accept us.
+
+    Returns the version before. Used at start-up and by `python -m app init-db`.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + startup_timeout
+    delay = 0.25
+    while True:
+        try:
+            conn = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT_SECONDS)
+            break
+        except TRANSIENT_AT_START as exc:
+            if loop.time() + delay > deadline:
+                raise StorageUnavailable(f"database not reachable: {describe(exc)}") from None
+            logger.warning("waiting for the database", extra={"error": describe(exc)})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        except DATABASE_ERRORS as exc:
+            raise StorageUnavailable(f"cannot connect to the database: {describe(exc)}") from None
+    try:
+        before = await apply_postgres_schema(conn)
+    except DATABASE_ERRORS as exc:
+        raise StorageUnavailable(f"cannot apply the schema: {describe(exc)}") from None
+    finally:
+        await conn.close()
+    if before > SCHEMA_VERSION:
+        logger.warning(
+            "database schema is newer than this build",
+            extra={"schema_version": before, "expected": SCHEMA_VERSION},
+        )
+    return before

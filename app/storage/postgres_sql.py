@@ -1,0 +1,101 @@
+"""The SQL the PostgreSQL store sends: statements, and the one built per /messages query."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.models import ListQuery
+
+# Many rows in one statement (one transaction, one WAL flush); duplicates inside the batch
+# are fine: the first is inserted, the others meet it and do nothing.
+INSERT_MANY = (
+    "INSERT INTO messages"
+    " (message_id, from_msisdn, to_msisdn, ts, text, ts_key, text_folded, created_at)"
+    " SELECT r.*, $8 FROM unnest("
+    "$1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[]) AS r"
+    " ON CONFLICT (message_id) DO NOTHING RETURNING message_id"
+)
+# Rows per statement at most; a bigger burst is sent as several.
+MAX_BATCH = 256
+_COLUMNS = "message_id, from_msisdn, to_msisdn, ts, text, ts_key"
+_TOTAL = (
+    "(SELECT total FROM message_totals WHERE id = 1)"
+    " + (SELECT coalesce(sum(delta), 0) FROM message_count_deltas)"
+)
+# One statement, so one snapshot: folded counts and pending deltas are added up exactly.
+# The true top 10 is among the folded top (10 + pending senders) and the pending
+# senders: every other sender is below ten unchanged ones.
+STATS = """
+WITH pending AS (
+  SELECT from_msisdn, sum(delta)::BIGINT AS delta FROM message_count_deltas GROUP BY from_msisdn
+), folded AS (
+  (SELECT from_msisdn, count FROM sender_counts
+    ORDER BY count DESC, from_msisdn LIMIT 10 + (SELECT count(*) FROM pending))
+  UNION
+  SELECT s.from_msisdn, s.count FROM sender_counts s JOIN pending USING (from_msisdn)
+), merged AS (
+  SELECT from_msisdn, coalesce(f.count, 0) + coalesce(p.delta, 0) AS count
+    FROM folded f FULL JOIN pending p USING (from_msisdn)
+), top AS (
+  SELECT from_msisdn, count FROM merged WHERE count > 0
+   ORDER BY count DESC, from_msisdn LIMIT 10
+)
+SELECT
+  t.total + (SELECT coalesce(sum(delta), 0) FROM pending)::BIGINT AS total,
+  t.senders
+    + (SELECT count(*) FROM merged m JOIN pending USING (from_msisdn) WHERE m.count > 0)
+    - (SELECT count(*) FROM sender_counts s JOIN pending USING (from_msisdn)) AS senders,
+  ARRAY(SELECT from_msisdn FROM top ORDER BY count DESC, from_msisdn) AS top_senders,
+  ARRAY(SELECT count FROM top ORDER BY count DESC, from_msisdn) AS top_counts,
+  (SELECT ts FROM messages ORDER BY ts_key, message_id LIMIT 1) AS first_ts,
+  (SELECT ts FROM messages ORDER BY ts_key DESC, message_id DESC LIMIT 1) AS last_ts
+FROM message_totals t WHERE t.id = 1
+"""
+CHECK_SCHEMA = (
+    "SELECT (SELECT max(version) FROM schema_version),"
+    " (SELECT count(*) FROM (SELECT 1 FROM messages LIMIT 0) AS present)"
+)
+PROBE_WRITE = (
+    "INSERT INTO write_probe (id, at) VALUES (1, $1)"
+    " ON CONFLICT (id) DO UPDATE SET at = excluded.at"
+)
+
+
+def like_pattern(folded: str) -> str:
+    """A LIKE pattern for `folded` anywhere, with `%`, `_` and `\\` taken literally."""
+    escaped = folded.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+def list_statement(query: ListQuery) -> tuple[str, list[Any]]:
+    """The page and its total in one statement; returns (sql, arguments)."""
+    clauses: list[str] = []
+    args: list[Any] = []
+
+    def arg(value: Any) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    if query.sender is not None:
+        clauses.append(f"from_msisdn = {arg(query.sender)}")
+    if query.since_key is not None:
+        clauses.append(f"ts_key >= {arg(query.since_key)}")
+    if query.q:
+        # The folded column is compared with the folded term, so LIKE's case-sensitivity
+        # is what we want; the trigram index serves it when pg_trgm is installed.
+        clauses.append(f"text_folded LIKE {arg(like_pattern(query.q.casefold()))} ESCAPE '\\'")
+    total = f"(SELECT count(*) FROM messages WHERE {' AND '.join(clauses)})" if clauses else _TOTAL
+    page_clauses = list(clauses)
+    if query.after is not None:
+        ts_key, message_id = query.after
+        page_clauses.append(f"(ts_key, message_id) > ({arg(ts_key)}, {arg(message_id)})")
+    where = f" WHERE {' AND '.join(page_clauses)}" if page_clauses else ""
+    limit, offset = arg(query.limit + 1), arg(query.offset)
+    sql = (
+        f"SELECT counted.total, {', '.join('page.' + c for c in _COLUMNS.split(', '))}"
+        f" FROM (SELECT {total} AS total) AS counted LEFT JOIN LATERAL ("
+        f"SELECT {_COLUMNS} FROM messages{where}"
+        f" ORDER BY ts_key, message_id LIMIT {limit} OFFSET {offset}"
+        ") AS page ON true ORDER BY page.ts_key, page.message_id"
+    )
+    return sql, args

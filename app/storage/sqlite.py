@@ -1,0 +1,259 @@
+"""The message store on SQLite.
+
+- One writer connection, owned by one thread, commits queued inserts in groups
+  (app/storage/sqlite_writer.py).
+- WAL with synchronous=FULL: a commit returns only once the log is fsync'd, so a `200`
+  survives power loss, not only a process crash. Checkpoints run in their own thread
+  (app/storage/sqlite_checkpoint.py).
+- Reads run on a small pool of reader connections (WAL lets them proceed during a write).
+- Idempotency is the primary key: INSERT ... ON CONFLICT DO NOTHING, never a read first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from app.models import ListQuery, Message, MessagePage, Stats
+from app.storage.base import StorageUnavailable
+from app.storage.migrations import apply_sqlite_schema
+from app.storage.rows import Row, message_row
+from app.storage.sqlite_checkpoint import Checkpointer
+from app.storage.sqlite_connection import (
+    connect_sqlite,
+    describe_sqlite_error,
+    ensure_parent,
+    rollback,
+)
+from app.storage.sqlite_reads import check_schema, list_page, probe_write, read_stats
+from app.storage.sqlite_writer import SEARCH_BATCH, STOP, Call, Insert, Writer
+
+T = TypeVar("T")
+
+
+class SQLiteStore:
+    """MessageStore on SQLite. Build it with `await SQLiteStore.open(...)`."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        writer: Writer,
+        readers: ThreadPoolExecutor | None,
+        checkpointer: Checkpointer | None,
+        busy_timeout_ms: int,
+        write_timeout: float,
+    ) -> None:
+        self.path = path
+        self._writer = writer
+        self._readers = readers
+        self._reader_conns: list[sqlite3.Connection] = []
+        self._reader_local = threading.local()
+        self._checkpointer = checkpointer
+        self._busy_timeout_ms = busy_timeout_ms
+        self._write_timeout = write_timeout
+        self._identity = _file_identity(path)
+        self._handover: list[Insert] = []
+        self._deadlines: deque[tuple[float, asyncio.Future[bool]]] = deque()
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        self._lock = threading.Lock()
+        self._probe: asyncio.Future[None] | None = None
+
+    @classmethod
+    async def open(
+        cls,
+        path: str,
+        *,
+        busy_timeout_ms: int = 1000,
+        write_timeout: float = 5.0,
+        readers: int = 4,
+    ) -> SQLiteStore:
+        memory = path == ":memory:"
+
+        def setup() -> sqlite3.Connection:
+            ensure_parent(path)
+            conn = connect_sqlite(path, busy_timeout_ms=busy_timeout_ms)
+            try:
+                apply_sqlite_schema(conn)
+                # The indexes an insert touches stay cached: at a million rows they
+                # are tens of MB, and the default 2 MB cache re-reads them all the time.
+                conn.execute("PRAGMA cache_size = -32768")
+                if not memory:
+                    conn.execute("PRAGMA wal_autocheckpoint = 0")
+                    conn.execute("PRAGMA journal_size_limit = 67108864")
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+
+        conn = await asyncio.to_thread(setup)
+        writer = Writer(conn, asyncio.get_running_loop())
+        writer.start()
+        # A :memory: database exists only inside its one connection, so reads go through
+        # the writer thread too; a file gets reader connections and a checkpointer.
+        pool = None if memory else ThreadPoolExecutor(readers, thread_name_prefix="sqlite-reader")
+        checkpointer = None if memory else Checkpointer(path, writer.committed)
+        if checkpointer is not None:
+            checkpointer.start()
+        return cls(
+            path,
+            writer=writer,
+            readers=pool,
+            checkpointer=checkpointer,
+            busy_timeout_ms=busy_timeout_ms,
+            write_timeout=write_timeout,
+        )
+
+    async def insert(self, message: Message) -> bool:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
+        # Rows are handed to the writer once per turn of the event loop, not one by one:
+        # each hand-over wakes a thread, and under load one turn serves many requests.
+        self._handover.append(Insert(message_row(message), future))
+        if len(self._handover) == 1:
+            loop.call_soon(self._hand_over)
+        # No timer per request (asyncio.wait_for wraps the future in a task, call_later
+        # makes a timer handle): the sweeper fails whatever waited too long.
+        self._deadlines.append((loop.time() + self._write_timeout, future))
+        return await future
+
+    async def _sweep(self) -> None:
+        """Fail inserts that waited longer than write_timeout (a stuck disk, say).
+
+        The row may still commit later; the sender's retry is then a duplicate.
+        Deadlines are appended in order, so the oldest is always first.
+        """
+        loop = asyncio.get_running_loop()
+        deadlines = self._deadlines
+        while True:
+            await asyncio.sleep(0.25)
+            now = loop.time()
+            while deadlines and (deadlines[0][1].done() or deadlines[0][0] <= now):
+                _, future = deadlines.popleft()
+                if not future.done():
+                    future.set_exception(StorageUnavailable("write timed out"))
+
+    def _hand_over(self) -> None:
+        rows, self._handover = self._handover, []
+        self._writer.jobs.put(rows)
+
+    async def list_messages(self, query: ListQuery) -> MessagePage:
+        return await self._read(lambda conn: list_page(conn, query))
+
+    async def stats(self) -> Stats:
+        return await self._read(read_stats)
+
+    async def ping(self) -> None:
+        def check(conn: sqlite3.Connection) -> None:
+            # A deleted or replaced file still answers through open connections, and
+            # rows written there would be lost: that is not ready.
+            if self._identity is not None and _file_identity(self.path) != self._identity:
+                raise StorageUnavailable("the database file was removed or replaced")
+            check_schema(conn)
+
+        await self._read(check)
+        if not self._writer.healthy:
+            # The last commit failed: only a write proves that writes work again. One probe
+            # write at a time: concurrent checks share it instead of queueing in front of
+            # the inserts (each probe can wait out the busy timeout).
+            if self._probe is None or self._probe.done():
+                self._probe = asyncio.ensure_future(self._write_call(probe_write))
+                self._probe.add_done_callback(_consume_outcome)
+            await asyncio.shield(self._probe)
+            self._writer.healthy = True
+
+    async def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        """Run one read-only statement (diagnostics and tests; not part of the API)."""
+
+        def run(conn: sqlite3.Connection) -> list[Row]:
+            if not sql.lstrip().lower().startswith(("select", "with", "pragma")):
+                raise ValueError("query() runs read-only statements only")
+            return conn.execute(sql, params).fetchall()
+
+        return await self._read(run)
+
+    async def index_search(self, limit: int | None = None) -> None:
+        """Bring the search index up to date now (or by `limit` rows at most).
+
+        The writer does this by itself in its quiet moments; this is for tests and for
+        an operator who wants it done before a query.
+        """
+        indexer = self._writer.search
+
+        def run(conn: sqlite3.Connection) -> None:
+            remaining = indexer.backlog if limit is None else limit
+            while remaining > 0 and indexer.backlog > 0:
+                step = min(remaining, SEARCH_BATCH)
+                indexer.index_some(step)
+                remaining -= step
+
+        await self._write_call(run)
+
+    async def close(self) -> None:
+        self._sweeper.cancel()
+        if self._checkpointer is not None:
+            await asyncio.to_thread(self._checkpointer.stop)
+        if self._readers is not None:
+            await asyncio.to_thread(self._readers.shutdown, True)
+            for conn in self._reader_conns:
+                conn.close()
+        self._writer.jobs.put(STOP)
+        await asyncio.to_thread(self._writer.join)
+        self._writer.conn.close()
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._readers is None:
+            result: T = await self._write_call(fn)
+            return result
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._readers, self._in_reader, fn)
+        except sqlite3.Error as exc:
+            raise StorageUnavailable(describe_sqlite_error(exc)) from None
+
+    def _in_reader(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn: sqlite3.Connection | None = getattr(self._reader_local, "conn", None)
+        if conn is None:
+            conn = connect_sqlite(self.path, busy_timeout_ms=self._busy_timeout_ms, readonly=True)
+            conn.execute("PRAGMA cache_size = -8000")
+            self._reader_local.conn = conn
+            with self._lock:
+                self._reader_conns.append(conn)
+        try:
+            return fn(conn)
+        except BaseException:
+            rollback(conn)
+            raise
+
+    async def _write_call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._writer.jobs.put(Call(fn, future))
+        try:
+            return await asyncio.wait_for(future, self._write_timeout)
+        except TimeoutError:
+            raise StorageUnavailable("database call timed out") from None
+        except sqlite3.Error as exc:
+            raise StorageUnavailable(describe_sqlite_error(exc)) from None
+
+
+def _consume_outcome(future: asyncio.Future[Any]) -> None:
+    # A shared probe whose every waiter gave up still has its outcome read, so asyncio
+    # does not report "exception was never retrieved".
+    if not future.cancelled():
+        future.exception()
+
+
+def _file_identity(path: str) -> tuple[int, int] | None:
+    if path == ":memory:":
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (-1, -1)
+    return (st.st_dev, st.st_ino)

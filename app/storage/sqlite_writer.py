@@ -1,0 +1,266 @@
+"""The SQLite writer thread: group commit of queued inserts, and search indexing.
+
+One long-lived writer connection, owned by one thread. Webhook requests hand it their row
+and wait on a future; the thread takes every row waiting at that moment, inserts them in
+one statement and commits once (group commit): a burst of N deliveries costs one fsync,
+not N, and no request ever blocks the event loop on SQLite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from app.storage.base import StorageUnavailable
+from app.storage.rows import Row, utc_now
+from app.storage.sqlite_connection import MAX_BATCH, describe_sqlite_error, rollback
+
+logger = logging.getLogger("app.storage")
+
+# Search indexing (see SearchIndexer): it runs once the writer has been idle for
+# SEARCH_IDLE_SECONDS, SEARCH_CHUNK rows per transaction; only past SEARCH_BACKLOG_MAX
+# unindexed rows does it also run between groups. SEARCH_BATCH: index_search()'s step.
+SEARCH_IDLE_SECONDS = 0.05
+SEARCH_CHUNK = 500
+# A search scans the unindexed rows one by one: 100k of them take ~13 ms, so a search
+# stays under 20 ms however far behind the index is, and a burst of up to this many
+# messages is indexed after it rather than during it.
+SEARCH_BACKLOG_MAX = 100_000
+SEARCH_BATCH = 2000
+
+
+# A whole group in one statement, a VALUES row per message: each SQLite call from the
+# writer thread has to take the GIL back from the event loop afterwards, so one
+# statement per group instead of one per row is what lets the writer keep up. One text
+# per group size, each prepared once (the connection caches MAX_BATCH + 100 statements).
+# (Rows as one JSON array through json_each, one text for all sizes, cost SQLite 45%
+# more per row, parsing the JSON.)
+@functools.lru_cache(maxsize=MAX_BATCH)
+def _insert_group(rows: int) -> str:
+    return (
+        "INSERT INTO messages"
+        " (message_id, from_msisdn, to_msisdn, ts, text, ts_key, text_folded, created_at)"
+        " VALUES "
+        + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
+        + " ON CONFLICT (message_id) DO NOTHING"
+    )
+
+
+# Which ids of the group were new, when some were not: the rows the statement created
+# are the `changes()` rowids up to its last one (it allocates them consecutively while it
+# holds the write lock), read back as one JSON array in one call.
+_CREATED_BETWEEN = (
+    "SELECT json_group_array(message_id) FROM messages WHERE rowid > ? AND rowid <= ?"
+)
+
+
+@dataclass(slots=True)
+class Insert:
+    row: Row
+    future: asyncio.Future[bool]
+
+
+@dataclass(slots=True)
+class Call:
+    fn: Callable[[sqlite3.Connection], Any]
+    future: asyncio.Future[Any]
+
+
+STOP = object()
+Settlement = tuple[asyncio.Future[Any], Any, BaseException | None]
+
+
+class Writer(threading.Thread):
+    """Owns the writer connection; commits queued inserts in groups."""
+
+    def __init__(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(name="sqlite-writer", daemon=True)
+        self.conn = conn
+        self.loop = loop
+        self.search = SearchIndexer(conn)
+        # Inserts arrive in lists: the event loop hands over everything that arrived in
+        # one turn at once (see SQLiteStore.insert).
+        self.jobs: queue.SimpleQueue[list[Insert] | Call | object] = queue.SimpleQueue()
+        # False after a failed commit, True after a good one: readiness reads it.
+        self.healthy = True
+        self.committed = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            try:
+                jobs = [self.jobs.get(timeout=SEARCH_IDLE_SECONDS)]
+            except queue.Empty:
+                # Quiet for a moment: catch the search index up, a chunk at a time, for
+                # as long as nothing waits (a chunk delays a new arrival by a few ms).
+                while self.search.automatic and self.search.backlog > 0 and self.jobs.empty():
+                    self.search.index_some(SEARCH_CHUNK)
+                continue
+            while True:
+                try:
+                    jobs.append(self.jobs.get_nowait())
+                except queue.Empty:
+                    break
+            stop = False
+            rows = 0
+            batch: list[Insert] = []
+            for job in jobs:
+                if isinstance(job, list):
+                    batch.extend(job)
+                    rows += len(job)
+                    continue
+                self._commit(batch)
+                batch = []
+                if isinstance(job, Call):
+                    self._call(job)
+                else:
+                    stop = True
+            self._commit(batch)
+            if stop:
+                return
+            # Under a load that never pauses, indexing keeps pace in proportion, so the
+            # rows a search must scan unindexed stay bounded.
+            if self.search.automatic and self.search.backlog > SEARCH_BACKLOG_MAX:
+                self.search.index_some(2 * rows + 64)
+
+    def _commit(self, batch: list[Insert]) -> None:
+        # A bounded transaction, however much is waiting.
+        while len(batch) > MAX_BATCH:
+            self._commit(batch[:MAX_BATCH])
+            batch = batch[MAX_BATCH:]
+        if not batch:
+            return
+        try:
+            created = self._insert_all(batch)
+        except sqlite3.OperationalError as exc:
+            # Locked, full, read-only, I/O: the environment, not the rows. Fail them all.
+            self.healthy = False
+            logger.error(
+                "commit failed", extra={"error": describe_sqlite_error(exc), "rows": len(batch)}
+            )
+            error = StorageUnavailable(describe_sqlite_error(exc))
+            self._settle([(job.future, None, error) for job in batch])
+            return
+        except Exception:
+            if len(batch) > 1:
+                # Something about one row (it should not happen: rows are validated).
+                # Retry one by one so that a single bad row fails alone.
+                for job in batch:
+                    self._commit([job])
+                return
+            logger.exception("insert failed")
+            self._settle([(batch[0].future, None, StorageUnavailable("insert failed"))])
+            return
+        self.healthy = True
+        self.committed.set()
+        self._settle(
+            [(job.future, was_new, None) for job, was_new in zip(batch, created, strict=True)]
+        )
+
+    def _insert_all(self, batch: list[Insert]) -> list[bool]:
+        conn = self.conn
+        now = utc_now()
+        params = [value for job in batch for value in (*job.row, now)]
+        # One statement outside any BEGIN: SQLite runs it as its own transaction, takes
+        # the write lock first and commits (fsync'd) before it returns. One call means
+        # one trip away from and back to the GIL instead of three (BEGIN, INSERT,
+        # COMMIT), and under load each trip back waits for the event loop to let go.
+        cursor = conn.execute(_insert_group(len(batch)), params)
+        inserted, last_rowid = cursor.rowcount, cursor.lastrowid or 0
+        if inserted > 0:
+            self.search.last_rowid = last_rowid
+        if inserted == len(batch):
+            return [True] * len(batch)  # all new: the common case costs no more
+        if inserted == 0:
+            return [False] * len(batch)
+        noted = conn.execute(_CREATED_BETWEEN, (last_rowid - inserted, last_rowid)).fetchone()[0]
+        new_ids = set(json.loads(noted))
+        # The first delivery of an id in the group is the one that created its row.
+        created = []
+        for job in batch:
+            message_id = job.row[0]
+            created.append(message_id in new_ids)
+            new_ids.discard(message_id)
+        return created
+
+    def _call(self, job: Call) -> None:
+        try:
+            result = job.fn(self.conn)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            self._settle([(job.future, None, exc)])
+        else:
+            self._settle([(job.future, result, None)])
+
+    def _settle(self, settlements: list[Settlement]) -> None:
+        # One wake-up of the event loop per group, not one per request.
+        # RuntimeError: the loop is closed, so nobody is waiting any more.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(_settle_all, settlements)
+
+
+class SearchIndexer:
+    """Keeps messages_fts behind the inserts, in batches, on the writer's connection.
+
+    Indexing happens in its own transactions with synchronous=NORMAL (no fsync of its
+    own): the index is derived data, and the next message commit's fsync covers it. A
+    crash can only lose the index and its watermark together.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        # Whether the writer indexes by itself (tests turn it off to hold a state).
+        self.automatic = True
+        self.indexed_through = conn.execute(
+            "SELECT indexed_through FROM search_progress WHERE id = 1"
+        ).fetchone()[0]
+        self.last_rowid = conn.execute("SELECT coalesce(max(rowid), 0) FROM messages").fetchone()[0]
+
+    @property
+    def backlog(self) -> int:
+        return int(self.last_rowid - self.indexed_through)
+
+    def index_some(self, limit: int = SEARCH_BATCH) -> None:
+        if self.backlog <= 0:
+            return
+        conn = self.conn
+        try:
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("BEGIN IMMEDIATE")
+            upto = conn.execute(
+                "SELECT max(rowid) FROM (SELECT rowid FROM messages WHERE rowid > ?"
+                " ORDER BY rowid LIMIT ?)",
+                (self.indexed_through, limit),
+            ).fetchone()[0]
+            if upto is not None:
+                conn.execute(
+                    "INSERT INTO messages_fts (rowid, text_folded) SELECT rowid, text_folded"
+                    " FROM messages WHERE rowid > ? AND rowid <= ? AND text_folded IS NOT NULL",
+                    (self.indexed_through, upto),
+                )
+                conn.execute("UPDATE search_progress SET indexed_through = ? WHERE id = 1", (upto,))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            rollback(conn)
+            logger.warning("search indexing failed", extra={"error": describe_sqlite_error(exc)})
+            return
+        finally:
+            conn.execute("PRAGMA synchronous = FULL")
+        self.indexed_through = upto if upto is not None else self.last_rowid
+
+
+def _settle_all(settlements: list[Settlement]) -> None:
+    for future, result, error in settlements:
+        if future.done():  # the request timed out or went away
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)

@@ -1,0 +1,97 @@
+"""Schemathesis hooks: supply the values only the service or its sender can make.
+
+- Signatures: the OpenAPI document describes X-Signature as 64 hex digits, and
+  schemathesis fills it with random hex, which is always a 401. In a case whose headers
+  were generated valid, a well-formed X-Signature is replaced by the real HMAC of the
+  serialised body (computed over the bytes actually sent), and Standard Webhooks headers
+  (any `webhook-*`) by a real id, timestamp and signature, so that generated messages
+  reach validation and storage. Headers generated invalid (negative tests) are left
+  alone: they must be refused.
+- `cursor` of /messages: opaque, issued by the service. In a query generated to be valid,
+  a cursor is replaced by a real one (for a position derived from the generated value).
+
+Used by tests/reliability/test_contract_fuzz.py, which runs, from the repository root:
+
+    SCHEMATHESIS_HOOKS=tests.support.schemathesis_hooks WEBHOOK_SECRET=... \\
+        .venv/bin/schemathesis run http://127.0.0.1:8000/openapi.json --checks all
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import time
+from typing import Any
+
+import schemathesis
+from schemathesis.core.parameters import ParameterLocation
+
+from app.config import standard_webhook_key
+from app.models import encode_cursor
+from app.signature import sign_standard_webhook
+
+_WELL_FORMED = re.compile(r"[0-9a-fA-F]{64}")
+
+
+_STANDARD_HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature")
+_WEBHOOK_ID = re.compile(r"[\x21-\x2d\x2f-\x7e]{1,256}")
+
+
+def _body(request: Any) -> bytes:
+    body = request.body or b""
+    return body.encode() if isinstance(body, str) else bytes(body)
+
+
+class SignBody:
+    """A requests auth hook: computes X-Signature over the prepared (final) body."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret.encode()
+
+    def __call__(self, request: Any) -> Any:
+        digest = hmac.new(self.secret, _body(request), hashlib.sha256).hexdigest()
+        request.headers["X-Signature"] = digest
+        return request
+
+
+class SignStandardWebhook:
+    """A requests auth hook: Standard Webhooks id, timestamp and signature for the body."""
+
+    def __init__(self, secret: str, webhook_id: object) -> None:
+        self.key = standard_webhook_key(secret)
+        valid = isinstance(webhook_id, str) and _WEBHOOK_ID.fullmatch(webhook_id)
+        self.webhook_id = webhook_id if valid and isinstance(webhook_id, str) else "msg_fuzz"
+
+    def __call__(self, request: Any) -> Any:
+        now = int(time.time())
+        for name in list(request.headers):
+            if name.lower() in _STANDARD_HEADERS:
+                del request.headers[name]
+        request.headers["webhook-id"] = self.webhook_id
+        request.headers["webhook-timestamp"] = str(now)
+        request.headers["webhook-signature"] = sign_standard_webhook(
+            self.webhook_id, now, _body(request), self.key
+        )
+        return request
+
+
+@schemathesis.hook
+def before_call(context: Any, case: Any, kwargs: dict[str, Any]) -> None:
+    if case.operation.path == "/webhook" and case.method.upper() == "POST":
+        headers = case.headers or {}
+        if case.meta is not None and case.meta.is_negative_at(ParameterLocation.HEADER):
+            return
+        secret = os.environ["WEBHOOK_SECRET"]
+        standard = {name.lower(): value for name, value in headers.items()}
+        given = headers.get("X-Signature")
+        if any(name in standard for name in _STANDARD_HEADERS):
+            kwargs["auth"] = SignStandardWebhook(secret, standard.get("webhook-id"))
+        elif isinstance(given, str) and _WELL_FORMED.fullmatch(given):
+            kwargs["auth"] = SignBody(secret)
+    elif case.operation.path == "/messages" and isinstance(case.query, dict):
+        cursor = case.query.get("cursor")
+        negative = case.meta is not None and case.meta.is_negative_at(ParameterLocation.QUERY)
+        if isinstance(cursor, str) and not negative:
+            case.query["cursor"] = encode_cursor("2025-01-15T10:00:00.000000000Z", cursor[:256])
