@@ -96,14 +96,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     send_cmd.add_argument("--message-id", help="default: a fresh cli-<random> id")
     send_cmd.add_argument(
-        "--from", dest="sender", default="+919876543210", metavar="E164", help="%(default)s"
+        "--from",
+        dest="sender",
+        default="+919876543210",
+        metavar="E164",
+        help="default: %(default)s",
     )
     send_cmd.add_argument(
-        "--to", dest="recipient", default="+14155550100", metavar="E164", help="%(default)s"
+        "--to",
+        dest="recipient",
+        default="+14155550100",
+        metavar="E164",
+        help="default: %(default)s",
     )
     send_cmd.add_argument("--ts", help="YYYY-MM-DDTHH:MM:SSZ (default: now)")
     text = send_cmd.add_mutually_exclusive_group()
-    text.add_argument("--text", default="Hello", help="%(default)s")
+    text.add_argument("--text", default="Hello", help="default: %(default)s")
     text.add_argument("--no-text", action="store_true", help="send the message without text")
 
     demo_cmd = commands.add_parser(

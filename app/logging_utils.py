@@ -55,7 +55,7 @@ class JsonFormatter(logging.Formatter):
             # the data that caused them (a body, a phone number).
             payload["exc_type"] = exc_type.__name__
             payload["traceback"] = "".join(traceback.format_tb(tb)).rstrip()
-        line = json.dumps(payload, ensure_ascii=False, default=str)
+        line = json.dumps(payload, ensure_ascii=False, default=str, separators=(",", ":"))
         return line if line.isascii() else _escape_line_breaks(line)
 
 
@@ -153,8 +153,8 @@ class AccessLog:
     def __init__(self, name: str) -> None:
         self.logger = logging.getLogger(name)
         self._heads = {
-            level: f'", "level": "{logging.getLevelName(level)}", "logger": '
-            f'{encode_basestring(name)}, "msg": "request", "request_id": '
+            level: f'","level":"{logging.getLevelName(level)}","logger":'
+            f'{encode_basestring(name)},"msg":"request","request_id":'
             for level in (logging.INFO, logging.WARNING, logging.ERROR)
         }
 
@@ -169,9 +169,12 @@ class AccessLog:
         path: str,
         status: int,
         latency_ms: float,
-        outcome: tuple[str | None, bool, str] | None = None,
+        outcome: tuple[str | None, bool, str, str | None] | None = None,
     ) -> None:
-        """Log one request; `outcome` is a webhook's (message_id, dup, result)."""
+        """Log one request; `outcome` is a webhook's (message_id, dup, result, field).
+
+        message_id and field appear only when known.
+        """
         sink = _sink
         head = self._heads.get(levelno)
         if (
@@ -189,24 +192,29 @@ class AccessLog:
                 "latency_ms": latency_ms,
             }
             if outcome is not None:
-                fields["message_id"], fields["dup"], fields["result"] = outcome
+                message_id, fields["dup"], fields["result"], field = outcome
+                if message_id is not None:
+                    fields["message_id"] = message_id
+                if field is not None:
+                    fields["field"] = field
             self.logger.log(levelno, "request", extra=fields)
             return
         line = (
-            f'{{"ts": "{sink.timestamp(time.time())}{head}{encode_basestring(request_id)}, '
-            f'"method": {encode_basestring(method)}, "path": {encode_basestring(path)}, '
-            f'"status": {status:d}, "latency_ms": {latency_ms!r}'
+            f'{{"ts":"{sink.timestamp(time.time())}{head}{encode_basestring(request_id)},'
+            f'"method":{encode_basestring(method)},"path":{encode_basestring(path)},'
+            f'"status":{status:d},"latency_ms":{latency_ms!r}'
         )
         if outcome is None:
             line += "}"
         else:
-            message_id, dup, result = outcome
-            line += (
-                ', "message_id": '
-                + ("null" if message_id is None else encode_basestring(message_id))
-                + (', "dup": true' if dup else ', "dup": false')
-                + f', "result": {encode_basestring(result)}}}'
-            )
+            message_id, dup, result, field = outcome
+            if message_id is not None:
+                line += ',"message_id":' + encode_basestring(message_id)
+            line += (',"dup":true' if dup else ',"dup":false') + ',"result":'
+            line += encode_basestring(result)
+            if field is not None:
+                line += ',"field":' + encode_basestring(field)
+            line += "}"
         if not line.isascii():
             line = _escape_line_breaks(line)
         sink.handler.write_line(line, urgent=levelno >= logging.WARNING)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from bisect import bisect_left
 from collections.abc import Iterator
 
@@ -9,6 +10,9 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -41,6 +45,10 @@ WHATSAPP_STATUSES = ("sent", "delivered", "read", "failed", "other")
 # The label for requests that matched no route: a scanner must not grow the label set.
 UNMATCHED_PATH = "unmatched"
 LATENCY_BUCKETS_MS = (0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+# The same bounds in seconds, for http_request_duration_seconds (Prometheus' convention).
+LATENCY_BUCKETS_SECONDS = tuple(bound / 1000 for bound in LATENCY_BUCKETS_MS)
+# Methods get their own label value; anything else is "other", so the label set is bounded.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class _RequestCounts(Collector):
@@ -58,6 +66,10 @@ class _RequestCounts(Collector):
         # Per bucket, not cumulative: observing adds to one; the +Inf bucket is last.
         self.latency_counts = [0] * (len(LATENCY_BUCKETS_MS) + 1)
         self.latency_sum = 0.0
+        # The same, per (route template, method), for http_request_duration_seconds;
+        # the sums in milliseconds, as observed.
+        self.durations: dict[tuple[str, str], list[int]] = {}
+        self.duration_sums: dict[tuple[str, str], float] = {}
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
@@ -87,6 +99,19 @@ class _RequestCounts(Collector):
             buckets=buckets,
             sum_value=self.latency_sum,
         )
+        durations = HistogramMetricFamily(
+            "http_request_duration_seconds",
+            "Time from request start to the end of the response, by route template and method.",
+            labels=["route", "method"],
+        )
+        bounds = [*map(floatToGoString, LATENCY_BUCKETS_SECONDS), "+Inf"]
+        for route, counts in self.durations.items():
+            durations.add_metric(
+                list(route),
+                buckets=list(zip(bounds, itertools.accumulate(counts), strict=True)),
+                sum_value=self.duration_sums[route] / 1000,
+            )
+        yield durations
         keys = CounterMetricFamily(
             "webhook_signature_key",
             "Accepted webhook signatures by the key that verified them.",
@@ -106,6 +131,11 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._counts = _RequestCounts()
         self.registry.register(self._counts)
+        # Memory, CPU, open files, the interpreter's collections and version: read from
+        # /proc and gc on each scrape, nothing on the request path.
+        ProcessCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         self.whatsapp_requests = Counter(
             "whatsapp_requests_total",
             "POST /webhook/whatsapp outcomes, one per batch.",
@@ -132,12 +162,20 @@ class Metrics:
         for status in WHATSAPP_STATUSES:
             self.whatsapp_statuses.labels(status=status)
 
-    def observe_request(self, path: str, status: int, latency_ms: float) -> None:
+    def observe_request(self, path: str, method: str, status: int, latency_ms: float) -> None:
         counts = self._counts
         key = (path, status)
         counts.requests[key] = counts.requests.get(key, 0) + 1
-        counts.latency_counts[bisect_left(LATENCY_BUCKETS_MS, latency_ms)] += 1
+        bucket = bisect_left(LATENCY_BUCKETS_MS, latency_ms)
+        counts.latency_counts[bucket] += 1
         counts.latency_sum += latency_ms
+        route = (path, method if method in METHODS else "other")
+        per_route = counts.durations.get(route)
+        if per_route is None:
+            per_route = counts.durations[route] = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+            counts.duration_sums[route] = 0.0
+        per_route[bucket] += 1
+        counts.duration_sums[route] += latency_ms
 
     def webhook(self, result: str) -> None:
         self._counts.results[result] += 1

@@ -42,7 +42,8 @@ class RequestInfo:
     message_id: str | None = None
     dup: bool | None = None
     result: str | None = None
-    error: bool = False
+    # For a 422: where in the body the first problem is ("from"), never the value.
+    field: str | None = None
     # The response's status once known; 500 until then (an error before any answer).
     status: int = 500
     response_started: bool = False
@@ -154,7 +155,7 @@ class ObservabilityMiddleware:
         finally:
             latency_ms = (time.perf_counter() - started) * 1000
             path_label = info.route or getattr(scope.get("route"), "path", None) or UNMATCHED_PATH
-            self.metrics.observe_request(path_label, info.status, latency_ms)
+            self.metrics.observe_request(path_label, scope["method"], info.status, latency_ms)
             _log_access(scope, info, info.status, latency_ms, path_label == UNMATCHED_PATH)
 
 
@@ -196,7 +197,9 @@ def _mask_numbers(path: str) -> str:
 def _log_access(
     scope: Scope, info: RequestInfo, status: int, latency_ms: float, unmatched: bool
 ) -> None:
-    if status >= 500 or info.error:
+    # A refused signature is a 4xx like any other: scanners send them all day, and an
+    # error log full of them would hide the errors that need someone.
+    if status >= 500:
         level = logging.ERROR
     elif status >= 400:
         level = logging.WARNING
@@ -214,5 +217,5 @@ def _log_access(
         _mask_numbers(path) if unmatched else path,
         status,
         round(latency_ms, 3),
-        None if info.result is None else (info.message_id, bool(info.dup), info.result),
+        None if info.result is None else (info.message_id, bool(info.dup), info.result, info.field),
     )

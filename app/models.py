@@ -171,7 +171,15 @@ class InvalidMessage(ValueError):
         self.errors = errors
 
     def to_json(self) -> bytes:
-        return json.dumps({"detail": self.errors}, ensure_ascii=False).encode()
+        return json.dumps(
+            {"detail": self.errors}, ensure_ascii=False, separators=(",", ":")
+        ).encode()
+
+    def first_field(self) -> str:
+        """Where the first problem is, for logs: `from`, `text`, or `body` for the whole."""
+        loc = [str(part) for part in self.errors[0]["loc"]] if self.errors else []
+        inner = loc[1:] if loc[:1] == ["body"] else loc
+        return ".".join(inner) or "body"
 
 
 def parse_message(body: bytes) -> Message:

@@ -11,6 +11,7 @@ from app.config import ConfigError, Settings, load_settings, parse_database_url
 from tests.support.servers import UVICORN, free_port, run_module
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("env", "named"),
     [
@@ -35,6 +36,7 @@ def test_bad_configuration_refuses_to_start_with_one_line(
     assert "s3cr3t-value" not in result.stderr + result.stdout
 
 
+@pytest.mark.slow
 def test_serve_command_refuses_the_same_way() -> None:
     result = run_module({}, "app", "serve", "--port", str(free_port()))
     assert result.returncode == 2

@@ -79,3 +79,26 @@ def test_each_app_has_its_own_registry(make_client: MakeClient) -> None:
     first.post_signed(message())
     assert first.metric("webhook_requests_total", result="created") == 1
     assert second.metric("webhook_requests_total", result="created") == 0
+
+
+def test_request_durations_by_route_and_method_in_seconds(client: AppClient) -> None:
+    client.post_signed(message())
+    client.get("/messages")
+    client.get("/messages")
+    text = client.get("/metrics").text
+    count = 'http_request_duration_seconds_count{method="%s",route="%s"}'
+    assert count % ("POST", "/webhook") + " 1.0" in text
+    assert count % ("GET", "/messages") + " 2.0" in text
+    assert (
+        'http_request_duration_seconds_bucket{le="0.0005",method="GET",route="/messages"}' in text
+    )
+    # An unusual method does not grow the label set.
+    client.request("BREW", "/messages")
+    assert count % ("other", "/messages") + " 1.0" in client.get("/metrics").text
+
+
+def test_process_metrics_are_exposed(client: AppClient) -> None:
+    text = client.get("/metrics").text
+    for name in ("process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds"):
+        assert f"\n{name} " in text, name
+    assert "python_gc_collections_total" in text

@@ -4,6 +4,7 @@ transport that records every write: what reaches the socket, and in how many cal
 from __future__ import annotations
 
 import asyncio
+import tomllib
 from typing import Any
 
 import pytest
@@ -11,7 +12,10 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from app.server.limits import guarded_protocol
+from app.server import PROTOCOL_UVICORN_MINOR, http_protocol
+from app.server.limits import GuardedHttpToolsProtocol, guarded_protocol
+from tests.support.clients import make_settings
+from tests.support.servers import ROOT
 
 pytestmark = pytest.mark.anyio
 
@@ -183,3 +187,29 @@ async def test_a_request_after_a_pause_gets_the_full_head_timeout() -> None:
     protocol.check_deadline(now + 11)  # past the head timeout
     assert transport.closed
     assert transport.writes[-1].startswith(b"HTTP/1.1 408 ")
+
+
+def test_the_guarded_protocol_is_used_on_the_uvicorn_it_was_written_for(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    chosen = http_protocol(make_settings(http_max_head_bytes=8192), version="0.54.3")
+    assert isinstance(chosen, type)
+    assert issubclass(chosen, GuardedHttpToolsProtocol)
+    assert chosen.max_head_bytes == 8192
+    assert not [r for r in caplog.records if r.name == "app.server"]
+
+
+@pytest.mark.parametrize("version", ["0.55.0", "0.53.9", "1.0.0"])
+def test_another_uvicorn_gets_its_own_protocol_and_one_warning(
+    caplog: pytest.LogCaptureFixture, version: str
+) -> None:
+    assert http_protocol(make_settings(), version=version) == "httptools"
+    (warning,) = [r for r in caplog.records if r.name == "app.server"]
+    assert warning.levelname == "WARNING"
+    assert warning.uvicorn == version  # type: ignore[attr-defined]
+
+
+def test_pyproject_pins_the_uvicorn_minor_the_guard_expects() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    (pin,) = [d for d in pyproject["project"]["dependencies"] if d.startswith("uvicorn")]
+    assert pin == f"uvicorn>={PROTOCOL_UVICORN_MINOR},<0.{int(PROTOCOL_UVICORN_MINOR[2:]) + 1}"

@@ -105,6 +105,7 @@ def test_secrets_stay_out_of_repr() -> None:
     assert "hunter2" not in shown
 
 
+@pytest.mark.slow
 def test_a_malformed_whsec_secret_refuses_to_start_with_one_line(tmp_path: Path) -> None:
     env = {"WEBHOOK_SECRET": "whsec_s3cr3t!value", "DATABASE_URL": f"sqlite:///{tmp_path}/a.db"}
     result = run_module(env, *UVICORN, str(free_port()))

@@ -195,6 +195,7 @@ async def wal_restarts_under_nonstop_load(path: Path, monkeypatch: pytest.Monkey
         await store.close()
 
 
+@pytest.mark.slow
 async def test_the_wal_starts_over_under_a_load_that_never_pauses(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from app.main import create_app
 from app.signature import sign
-from tests.support.clients import SECRET, AppClient, MakeClient, encode, message
+from tests.support.clients import SECRET, AppClient, MakeClient, encode, make_settings, message
 
 
 def test_valid_signature_and_new_message_is_stored(client: AppClient) -> None:
@@ -370,3 +371,27 @@ def test_unknown_fields_are_ignored(client: AppClient) -> None:
     response = client.post_signed(message(extra="field", nested={"a": [1, 2]}))
     assert response.status_code == 200
     assert client.rows() == [("m1",)]
+
+
+def test_422_bodies_are_compact_json_like_every_other_answer(client: AppClient) -> None:
+    response = client.post_signed(message(ts="bad"))
+    assert response.status_code == 422
+    compact = json.dumps(response.json(), ensure_ascii=False, separators=(",", ":"))
+    assert response.content == compact.encode()
+
+
+def test_a_root_path_is_honoured_by_the_direct_route() -> None:
+    # An app mounted under a prefix (uvicorn --root-path, a proxy's sub-path) still takes
+    # deliveries: the prefix is not part of the route, as for FastAPI's own routes.
+    client = AppClient(create_app(make_settings()), root_path="/receiver")
+    client.__enter__()
+    raw = encode(message())
+    response = client.post(
+        "/receiver/webhook",
+        content=raw,
+        headers={"Content-Type": "application/json", "X-Signature": sign(raw, SECRET.encode())},
+    )
+    assert response.status_code == 200
+    assert client.get("/receiver/messages").json()["total"] == 1
+    assert client.metric("http_requests_total", path="/webhook", status="200") == 1
+    client.__exit__(None, None, None)

@@ -416,7 +416,7 @@ def test_a_bad_signature_is_checked_before_parsing(wa: AppClient) -> None:
     assert response.status_code == 401
 
 
-def test_a_rejected_signature_logs_an_error(
+def test_a_rejected_signature_logs_a_warning(
     capsys: pytest.CaptureFixture[str], make_client: MakeClient
 ) -> None:
     wa = enabled(make_client)
@@ -425,7 +425,7 @@ def test_a_rejected_signature_logs_an_error(
     (access,) = [
         line for line in json_lines(capsys.readouterr().out) if line["logger"] == "app.access"
     ]
-    assert (access["status"], access["level"], access["path"]) == (401, "ERROR", PATH)
+    assert (access["status"], access["level"], access["path"]) == (401, "WARNING", PATH)
 
 
 # Limits and storage

@@ -75,7 +75,6 @@ class WebhookEndpoint:
         try:
             key_index = self.verifier.verify(raw, scope["headers"], time.time())
         except InvalidSignature:
-            info.error = True
             self.outcome(info, "invalid_signature")
             return 401, b'{"detail":"invalid signature"}', []
         self.metrics.signature_key(key_index)
@@ -87,6 +86,7 @@ class WebhookEndpoint:
         try:
             message = parse_message(raw)
         except InvalidMessage as exc:
+            info.field = exc.first_field()
             self.outcome(info, "validation_error")
             return 422, exc.to_json(), []
 

@@ -291,7 +291,6 @@ async def receive_batch(
             raw, signatures[0] if signatures else None, [secret.get_secret_value().encode()]
         )
     except InvalidSignature:
-        info.error = True
         metrics.whatsapp("invalid_signature")
         return json_response(b'{"detail":"invalid signature"}', 401)
 
