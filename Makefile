@@ -1,19 +1,27 @@
-# One command each: `make up` (Docker), `make run` (no Docker), `make test`.
+# One command each: `make up` (Docker), `make run` (no Docker), `make test`; docs/operations.md
+# describes every target.
 SHELL := /bin/sh
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 HOST ?= 127.0.0.1
-PORT ?= 8000
-# Where `make up` publishes the service (compose reads the same variables).
-API_PORT ?= 8000
-DEMO_URL ?= http://127.0.0.1:$(API_PORT)
+# One port for every target, 8000 unless given: `make run` listens on PORT, `make up`
+# publishes on API_PORT (the name docker-compose.yml reads), which follows PORT, and
+# `make demo` calls either (scripts/demo). Without PORT or API_PORT nothing is exported,
+# so an API_PORT in .env still reaches compose.
+ifdef PORT
+API_PORT ?= $(PORT)
+endif
+ifdef API_PORT
+export API_PORT
+endif
 # `make demo` needs only the standard library: the virtualenv's python if there is one,
 # else the host's python3.
 DEMO_PYTHON ?= $(shell [ -x $(BIN)/python ] && echo $(BIN)/python || echo $(PYTHON))
 
-.PHONY: up down logs demo docker-smoke test lint soak run init-db bench bench-quick wrk clean
+.PHONY: up down logs demo docker-smoke test test-fast lint soak run init-db bench bench-quick \
+	wrk clean
 
 # The Compose stack: a secret (exported, else .env, else a fresh one in .env), the image
 # built, the service started and waited for (bounded), then where to find it.
@@ -33,20 +41,22 @@ logs:
 	@docker compose logs -f --no-log-prefix api
 
 # Sample traffic against the running service (make up or make run), signed with the
-# exported WEBHOOK_SECRET or the one in .env.
+# exported WEBHOOK_SECRET or the one in .env; scripts/demo says which port it calls.
 demo:
-	./scripts/with-env $(DEMO_PYTHON) -m app demo --url $(DEMO_URL)
+	@DEMO_PYTHON=$(DEMO_PYTHON) ./scripts/with-env ./scripts/demo
 
 # The Docker path end to end on a clean clone of HEAD, as CI runs it (scripts/docker-smoke).
 docker-smoke:
 	./scripts/docker-smoke
 
-# A virtualenv from the pinned requirements, rebuilt when they change.
+# A virtualenv from the pinned requirements, rebuilt when they change. Quiet, and on
+# stderr: the first `make run | jq` builds it, and jq must see only the service's lines.
 $(STAMP): requirements.txt requirements-dev.txt
-	rm -rf $(VENV)
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
-	touch $@
+	@echo "building $(VENV) from the pinned requirements (first use only)" >&2
+	@rm -rf $(VENV)
+	@$(PYTHON) -m venv $(VENV)
+	@$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt >&2
+	@touch $@
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check .
@@ -56,19 +66,27 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/pytest -q
 
+# The everyday loop: lint, and the tests that neither start server processes (slow) nor
+# belong to the reliability battery. `make test` runs everything, as CI does.
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q -m "not slow and not reliability"
+
 # The reliability battery's long tier (100+ SIGKILLs, 20,000 examples per property, 1,000
 # schemathesis examples per operation, ...); prints its figures at the end.
 soak: $(STAMP)
 	RELIABILITY_TIER=soak $(BIN)/pytest -q -m reliability
 
-# The service on SQLite at ./data/app.db, without Docker.
+# The service on SQLite at ./data/app.db, without Docker. Silent itself: stdout carries
+# only the service's JSON lines, so `make run | jq` works.
 run: $(STAMP)
 	@./scripts/ensure-env
-	DATABASE_URL=$${DATABASE_URL:-sqlite:///./data/app.db} ./scripts/with-env $(BIN)/python -m app serve --host $(HOST) --port $(PORT)
+	@DATABASE_URL=$${DATABASE_URL:-sqlite:///./data/app.db} ./scripts/with-env \
+	  $(BIN)/python -m app serve --host $(HOST) --port $(or $(PORT),8000)
 
-# Benchmarks (see README, Performance): this service beside a naive reference and two
-# raw-ASGI floors, then the service at a million rows, then SQLite beside PostgreSQL
-# with one and two API processes. About 30 minutes; bench-quick ~3.
+# Benchmarks (docs/performance.md, which also says how long each takes): this service
+# beside a naive reference and two raw-ASGI floors, then the service at a million rows,
+# then SQLite beside PostgreSQL with one and two API processes.
 BENCH_ARGS ?= --passes 3 --million --scale-out
 bench: $(STAMP) wrk
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
