@@ -182,15 +182,19 @@ class InvalidMessage(ValueError):
         return ".".join(inner) or "body"
 
 
-def parse_message(body: bytes) -> Message:
-    """Parse and validate a webhook body (bytes that were already authenticated)."""
+def read_json(body: bytes) -> Any:
+    """Strict JSON: UTF-8 only, no NaN/Infinity, no trailing data, bounded nesting."""
     try:
-        # Strict JSON: UTF-8 only, no NaN/Infinity, no trailing data, bounded nesting.
-        data = from_json(body, allow_inf_nan=False)
+        return from_json(body, allow_inf_nan=False)
     except ValueError as exc:
         raise InvalidMessage(
             [{"loc": ["body"], "msg": f"Invalid JSON: {exc}", "type": "json_invalid"}]
         ) from None
+
+
+def parse_message(body: bytes) -> Message:
+    """Parse and validate a webhook body (bytes that were already authenticated)."""
+    data = read_json(body)
     try:
         return Message.model_validate(data)
     except ValidationError as exc:

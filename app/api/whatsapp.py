@@ -23,7 +23,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import PlainTextResponse
 from pydantic import ValidationError
-from pydantic_core import from_json
 
 from app.api.deps import (
     ClientDisconnected,
@@ -37,7 +36,7 @@ from app.api.deps import (
 )
 from app.metrics import Metrics
 from app.middleware import request_info
-from app.models import InvalidMessage, Message
+from app.models import InvalidMessage, Message, read_json
 from app.signature import MALFORMED, InvalidSignature, verify_hub_signature
 from app.storage import MessageStore, StorageUnavailable
 
@@ -66,14 +65,6 @@ class InvalidPart(ValueError):
     """One message, or one part of a batch, cannot be read. Names fields, never values."""
 
 
-class InvalidBatch(ValueError):
-    """The body is not a batch at all (not JSON, not an object, no list of entries)."""
-
-    def __init__(self, errors: list[dict[str, Any]]) -> None:
-        super().__init__(f"{len(errors)} error(s)")
-        self.errors = errors
-
-
 @dataclass
 class Batch:
     """What one delivery holds: the messages to store, what was skipped, the statuses."""
@@ -86,18 +77,13 @@ class Batch:
 
 
 def parse_batch(body: bytes) -> Batch:
-    """Read a verified body; raise InvalidBatch only if it is not a batch at all."""
-    try:
-        payload = from_json(body, allow_inf_nan=False)
-    except ValueError as exc:
-        raise InvalidBatch(
-            [{"loc": ["body"], "msg": f"Invalid JSON: {exc}", "type": "json_invalid"}]
-        ) from None
+    """Read a verified body; raise InvalidMessage only if it is not a batch at all."""
+    payload = read_json(body)
     if not isinstance(payload, dict):
-        raise InvalidBatch([{"loc": ["body"], "msg": "must be an object", "type": "dict_type"}])
+        raise InvalidMessage([{"loc": ["body"], "msg": "must be an object", "type": "dict_type"}])
     entries = payload.get("entry")
     if not isinstance(entries, list):
-        raise InvalidBatch(
+        raise InvalidMessage(
             [{"loc": ["body", "entry"], "msg": "must be a list of entries", "type": "list_type"}]
         )
     batch = Batch()
@@ -296,9 +282,9 @@ async def receive_batch(
 
     try:
         batch = parse_batch(raw)
-    except InvalidBatch as exc:
+    except InvalidMessage as exc:
         metrics.whatsapp("invalid_payload")
-        return json_response(InvalidMessage(exc.errors).to_json(), 422)
+        return json_response(exc.to_json(), 422)
 
     outcomes = await store_all(store, batch.messages)
     created = sum(1 for outcome in outcomes if outcome is True)
