@@ -14,10 +14,11 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api import messages, probes, whatsapp
+from app.api import feed, messages, probes, whatsapp
 from app.api.deps import AppState
 from app.api.webhook import PATH, WebhookEndpoint, openapi_operation
 from app.config import ConfigError, Settings, load_settings
+from app.feed_hub import FeedHub
 from app.logging_utils import configure_logging, refuse_to_start
 from app.metrics import Metrics
 from app.middleware import DirectRoutes, ObservabilityMiddleware
@@ -113,15 +114,17 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
         store = await store_opener(app_settings)
+        hub = FeedHub(store)
         settle_heap()
         logger.info(
             "ready to receive",
             extra={"database": app_settings.database.scheme, "version": VERSION},
         )
         try:
-            yield {"settings": app_settings, "store": store, "metrics": metrics}
+            yield {"settings": app_settings, "store": store, "metrics": metrics, "feed": hub}
         finally:
             gc.unfreeze()
+            await hub.close()
             await store.close()
             logger.info("store closed")
 
@@ -138,6 +141,7 @@ def create_app(
         openapi_url="/openapi.json" if docs else None,
     )
     app.include_router(messages.router)
+    app.include_router(feed.router)
     app.include_router(probes.router)
     if settings.whatsapp_enabled:
         app.include_router(whatsapp.router)

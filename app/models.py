@@ -121,10 +121,18 @@ class Message(BaseModel):
     ) = None
 
 
+class StoredMessage(Message):
+    """A message as the store lists it: what was posted, plus when the service committed it."""
+
+    received_at: str = Field(
+        description="When the service committed the message (UTC, in the form of `ts`)"
+    )
+
+
 class MessagePage(BaseModel):
     model_config = ConfigDict(serialize_by_alias=True)
 
-    data: list[Message]
+    data: list[StoredMessage]
     total: int
     limit: int
     offset: int
@@ -161,6 +169,41 @@ class ListQuery(BaseModel):
     q: str | None = None
     # Keyset position (instant key, message_id): rows strictly after it.
     after: tuple[str, str] | None = None
+
+
+FEED_LIMIT_MAX = 1000
+
+
+class FeedItem(BaseModel):
+    """One message in the feed, at its position (see docs/feed.md)."""
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+    position: int = Field(description="Strictly increasing in feed order, never reused")
+    message_id: str
+    from_: str = Field(alias="from")
+    to: str
+    ts: str
+    text: str | None
+    received_at: str = Field(description="When the service committed the message (UTC)")
+
+
+class FeedPage(BaseModel):
+    data: list[FeedItem]
+    next_after: int = Field(
+        description="The last position in `data` (or `after` when it is empty): pass it as"
+        " `after` to read on"
+    )
+
+
+class FeedQuery(BaseModel):
+    """A validated feed read: messages with position > after, in position order."""
+
+    model_config = ConfigDict(frozen=True)
+
+    after: int = 0
+    limit: int = 100
+    sender: str | None = None
 
 
 class InvalidMessage(ValueError):

@@ -8,6 +8,7 @@ from fastapi import Depends, Request, Response
 from starlette.types import Receive
 
 from app.config import Settings
+from app.feed_hub import FeedHub
 from app.metrics import Metrics
 from app.storage import MessageStore
 
@@ -28,6 +29,7 @@ class AppState(TypedDict):
     settings: Settings
     store: MessageStore
     metrics: Metrics
+    feed: FeedHub
 
 
 # The dependencies are coroutines on purpose: FastAPI runs a plain `def` dependency in a
@@ -49,9 +51,15 @@ async def get_metrics(request: Request) -> Metrics:
     return metrics
 
 
+async def get_feed_hub(request: Request) -> FeedHub:
+    hub: FeedHub = request.state.feed
+    return hub
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[MessageStore, Depends(get_store)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+FeedHubDep = Annotated[FeedHub, Depends(get_feed_hub)]
 
 
 def json_response(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from app.models import ListQuery, Message, MessagePage, Stats
+from app.models import FeedQuery, ListQuery, Message, MessagePage, Stats
+from app.storage.feed import FeedBatch, FeedSignal
 
 
 class StorageUnavailable(Exception):
@@ -22,6 +23,16 @@ class MessageStore(Protocol):
     async def list_messages(self, query: ListQuery) -> MessagePage: ...
 
     async def stats(self) -> Stats: ...
+
+    async def read_feed(self, query: FeedQuery) -> FeedBatch:
+        """Rows with position > query.after in position order, never one that could be
+        followed by a lower position later (docs/feed.md)."""
+        ...
+
+    @property
+    def feed_signal(self) -> FeedSignal:
+        """Notified on the event loop whenever rows may have become readable."""
+        ...
 
     async def ping(self) -> None:
         """Raise StorageUnavailable unless the database answers, has our schema and writes."""

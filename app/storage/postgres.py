@@ -28,9 +28,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
-from app.models import ListQuery, Message, MessagePage, SenderCount, Stats
+from app.models import FeedQuery, ListQuery, Message, MessagePage, SenderCount, Stats
 from app.storage.base import StorageUnavailable
+from app.storage.feed import FeedBatch, FeedSignal
 from app.storage.migrations import SCHEMA_VERSION, apply_postgres_schema
+from app.storage.postgres_feed import FeedChannel, feed_batch, feed_statement
 from app.storage.postgres_sql import (
     CHECK_SCHEMA,
     INSERT_MANY,
@@ -91,6 +93,10 @@ class PostgresStore:
 
     def __init__(self, pool: asyncpg.Pool, *, write_timeout: float, read_timeout: float) -> None:
         self._pool = pool
+        self.feed_signal = FeedSignal()
+        # Its own connection, beside the pool: LISTEN for the other replicas' commits and
+        # NOTIFY them of ours (app/storage/postgres_feed.py). Set by open().
+        self._feed_channel: FeedChannel | None = None
         self._write_timeout = write_timeout
         self._read_timeout = read_timeout
         # False after a failed write, True after a good one: readiness reads it.
@@ -127,6 +133,7 @@ class PostgresStore:
             },
         )
         store = cls(pool, write_timeout=write_timeout, read_timeout=read_timeout)
+        store._feed_channel = await FeedChannel.open(url, store.feed_signal)
         store._folder = asyncio.create_task(
             store._fold_forever(fold_interval), name="fold-message-counts"
         )
@@ -167,7 +174,7 @@ class PostgresStore:
 
         async def run(conn: Connection) -> set[str]:
             try:
-                records = await conn.fetch(INSERT_MANY, *columns, now)
+                records = await self._insert_rows(conn, columns, now)
             except ROW_ERRORS as exc:
                 raise RowRejected(describe(exc)) from None
             return {record[0] for record in records}
@@ -190,12 +197,29 @@ class PostgresStore:
             _fail(batch, StorageUnavailable("insert failed"))
             return
         self._healthy = True
+        if created and self._feed_channel is not None:
+            self._feed_channel.committed()
         for row, future in batch:
             # Only the first delivery of an id in this batch reports it as new.
             new = row[0] in created
             created.discard(row[0])
             if not future.done():
                 future.set_result(new)
+
+    async def _insert_rows(
+        self, conn: Connection, columns: list[list[Any]], now: str
+    ) -> list[asyncpg.Record]:
+        # One autocommit statement, hence one INSERT per transaction: the feed positions
+        # rely on it (app/storage/postgres_sql.py).
+        return list(await conn.fetch(INSERT_MANY, *columns, now))
+
+    async def read_feed(self, query: FeedQuery) -> FeedBatch:
+        sql, args = feed_statement(query)
+
+        async def run(conn: Connection) -> list[asyncpg.Record]:
+            return list(await conn.fetch(sql, *args))
+
+        return feed_batch(await self._with_connection(run, self._read_timeout), query)
 
     async def list_messages(self, query: ListQuery) -> MessagePage:
         sql, args = list_statement(query)
@@ -259,6 +283,8 @@ class PostgresStore:
     async def close(self) -> None:
         if self._flushers:
             await asyncio.wait(self._flushers, timeout=self._write_timeout)
+        if self._feed_channel is not None:
+            await self._feed_channel.close()
         if self._folder is not None:
             self._folder.cancel()
             with contextlib.suppress(asyncio.CancelledError):

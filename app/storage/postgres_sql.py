@@ -7,17 +7,24 @@ from typing import Any
 from app.models import ListQuery
 
 # Many rows in one statement (one transaction, one WAL flush); duplicates inside the batch
-# are fine: the first is inserted, the others meet it and do nothing.
+# are fine: the first is inserted, the others meet it and do nothing. The feed position is
+# the transaction's xid8 << 16 plus the row's ordinal in the statement, which is unique
+# because this is the only INSERT of its transaction: it always runs as one autocommit
+# statement (docs/feed.md). A duplicate burns its ordinal.
 INSERT_MANY = (
     "INSERT INTO messages"
-    " (message_id, from_msisdn, to_msisdn, ts, text, ts_key, text_folded, created_at)"
-    " SELECT r.*, $8 FROM unnest("
-    "$1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[]) AS r"
+    " (message_id, from_msisdn, to_msisdn, ts, text, ts_key, text_folded, created_at, position)"
+    " SELECT r.message_id, r.from_msisdn, r.to_msisdn, r.ts, r.text, r.ts_key, r.text_folded,"
+    " $8, (pg_current_xact_id()::text::bigint << 16) + r.ordinal FROM unnest("
+    "$1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])"
+    " WITH ORDINALITY AS r (message_id, from_msisdn, to_msisdn, ts, text, ts_key, text_folded,"
+    " ordinal)"
     " ON CONFLICT (message_id) DO NOTHING RETURNING message_id"
 )
-# Rows per statement at most; a bigger burst is sent as several.
+# Rows per statement at most; a bigger burst is sent as several. Below 2^16: the ordinal
+# must fit beside the xid in a position.
 MAX_BATCH = 256
-_COLUMNS = "message_id, from_msisdn, to_msisdn, ts, text, ts_key"
+_COLUMNS = "message_id, from_msisdn, to_msisdn, ts, text, ts_key, created_at"
 _TOTAL = (
     "(SELECT total FROM message_totals WHERE id = 1)"
     " + (SELECT coalesce(sum(delta), 0) FROM message_count_deltas)"

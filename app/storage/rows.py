@@ -6,7 +6,14 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from app.models import ListQuery, Message, MessagePage, encode_cursor, instant_key_unchecked
+from app.models import (
+    ListQuery,
+    Message,
+    MessagePage,
+    StoredMessage,
+    encode_cursor,
+    instant_key_unchecked,
+)
 
 # (message_id, from, to, ts, text, ts_key, text_folded): what an insert binds, in order.
 Row = tuple[Any, ...]
@@ -30,11 +37,13 @@ def message_row(message: Message) -> Row:
 
 
 def build_page(rows: Sequence[Row], total: int, query: ListQuery) -> MessagePage:
-    """A page from up to limit+1 rows of (id, from, to, ts, text, ts_key)."""
+    """A page from up to limit+1 rows of (id, from, to, ts, text, ts_key, created_at)."""
     more = len(rows) > query.limit
     rows = rows[: query.limit]
     data = [
-        Message.model_construct(message_id=r[0], from_=r[1], to=r[2], ts=r[3], text=r[4])
+        StoredMessage.model_construct(
+            message_id=r[0], from_=r[1], to=r[2], ts=r[3], text=r[4], received_at=r[6]
+        )
         for r in rows
     ]
     next_cursor = encode_cursor(rows[-1][5], rows[-1][0]) if more else None

@@ -20,8 +20,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from app.models import ListQuery, Message, MessagePage, Stats
+from app.models import FeedQuery, ListQuery, Message, MessagePage, Stats
 from app.storage.base import StorageUnavailable
+from app.storage.feed import FeedBatch, FeedSignal
 from app.storage.migrations import apply_sqlite_schema
 from app.storage.rows import Row, message_row
 from app.storage.sqlite_checkpoint import Checkpointer
@@ -31,6 +32,7 @@ from app.storage.sqlite_connection import (
     ensure_parent,
     rollback,
 )
+from app.storage.sqlite_feed import read_feed
 from app.storage.sqlite_reads import check_schema, list_page, probe_write, read_stats
 from app.storage.sqlite_writer import SEARCH_BATCH, STOP, Call, Insert, Writer
 
@@ -64,6 +66,10 @@ class SQLiteStore:
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         self._lock = threading.Lock()
         self._probe: asyncio.Future[None] | None = None
+        self.feed_signal = FeedSignal()
+        # The highest committed position, as the event loop last heard from the writer.
+        self._committed_position = writer.next_position - 1
+        writer.on_commit = self._committed
 
     @classmethod
     async def open(
@@ -148,6 +154,14 @@ class SQLiteStore:
 
     async def stats(self) -> Stats:
         return await self._read(read_stats)
+
+    async def read_feed(self, query: FeedQuery) -> FeedBatch:
+        committed = self._committed_position  # before the query: see read_feed()
+        return await self._read(lambda conn: read_feed(conn, query, committed))
+
+    def _committed(self, position: int) -> None:
+        self._committed_position = max(self._committed_position, position)
+        self.feed_signal.notify()
 
     async def ping(self) -> None:
         def check(conn: sqlite3.Connection) -> None:

@@ -14,7 +14,7 @@ from app.storage.sqlite_connection import rollback
 
 # After a failed write, readiness wants this much room in the database and on its disk.
 PROBE_ROOM_BYTES = 1024 * 1024
-_COLUMNS = "message_id, from_msisdn, to_msisdn, ts, text, ts_key"
+_COLUMNS = "message_id, from_msisdn, to_msisdn, ts, text, ts_key, created_at"
 
 
 def _filters(query: ListQuery) -> tuple[list[str], list[Any]]:
