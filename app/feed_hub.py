@@ -27,7 +27,7 @@ import contextlib
 import json
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
 from app.models import FeedQuery
@@ -48,6 +48,10 @@ PENDING_POLL_SECONDS = 0.02
 MAX_SPACING_SECONDS = 0.025
 SPACING_PER_SUBSCRIBER_SECONDS = 0.00002
 RETRY_MS = 1000
+# The most a stream hands the server at once. A write is accepted whole, however full the
+# socket, and stays in the server's buffer for as long as the client does not read: in
+# pieces this size, a stalled client pins one piece, not a whole catch-up page.
+MAX_WRITE_BYTES = 64 * 1024
 
 _EVENT = b"id: %d\nevent: message\ndata: %b\n\n"
 PREAMBLE = b"retry: %d\n\n" % RETRY_MS
@@ -218,7 +222,7 @@ class FeedHub:
     def leave(self, subscriber: Subscriber) -> None:
         self._subscribers.discard(subscriber)
 
-    async def stream(self, subscriber: Subscriber) -> AsyncIterator[bytes]:
+    async def stream(self, subscriber: Subscriber) -> AsyncGenerator[bytes]:
         """The stream's body: the preamble, the catch-up pages, then the live tail."""
         yield PREAMBLE
         try:
@@ -233,12 +237,14 @@ class FeedHub:
                 settled = batch.settled
                 if batch.rows:
                     subscriber.after = batch.rows[-1][0]
-                    yield encode_events(batch.rows)
+                    for piece in _pieces(encode_events(batch.rows)):
+                        yield piece
             while True:
                 chunk = await subscriber.next_chunk()
                 if chunk is None:
                     return
-                yield chunk
+                for piece in _pieces(chunk):
+                    yield piece
         finally:
             self.leave(subscriber)
 
@@ -343,6 +349,12 @@ class FeedHub:
         self._ring_size += len(whole)
         while self._ring_size > self._ring_bytes and len(self._ring) > 1:
             self._ring_size -= self._ring.popleft()[2]
+
+
+def _pieces(chunk: bytes) -> list[bytes]:
+    if len(chunk) <= MAX_WRITE_BYTES:
+        return [chunk]
+    return [chunk[i : i + MAX_WRITE_BYTES] for i in range(0, len(chunk), MAX_WRITE_BYTES)]
 
 
 async def read_waiting(store: MessageStore, query: FeedQuery, wait: float) -> FeedBatch:

@@ -186,7 +186,8 @@ async def test_the_migration_numbers_existing_postgres_rows_in_arrival_order(
         await store.close()
     # Within one created_at, message_id: PostgreSQL kept no other order.
     assert seen[:4] == [(1, "first"), (2, "second-a"), (3, "second-b"), (4, "third")]
-    assert seen[4][1] == "new" and seen[4][0] > 1 << 16
+    assert seen[4][1] == "new"
+    assert seen[4][0] > 1 << 16
 
 
 # Deletions (retention, erasure): a position is never handed out twice.
@@ -279,7 +280,8 @@ async def test_a_row_waits_below_an_older_transaction_still_in_flight(
         )
         await store.insert(msg("newer"))  # committed, with a higher xid
         held = await store.read_feed(FeedQuery())
-        assert held.rows == [] and held.pending
+        assert held.rows == []
+        assert held.pending
         # What "position > last" would hand out now, and so skip "older" for good:
         naive = await store.query("SELECT message_id FROM messages ORDER BY position")
         assert naive == [("newer",)]
@@ -378,7 +380,8 @@ async def test_a_subscriber_that_does_not_read_is_dropped(store: AnyStore) -> No
         async with asyncio.timeout(10):
             await dropped.wait()
             await reader
-        assert stalled.dropped and hub.subscribers <= 1
+        assert stalled.dropped
+        assert hub.subscribers <= 1
         assert [m for _, m in reading] == [f"m{i}" for i in range(60)]
         first.cancel()
     finally:
@@ -389,5 +392,6 @@ async def test_a_subscriber_that_does_not_read_is_dropped(store: AnyStore) -> No
 def test_each_event_is_one_data_line() -> None:
     row: tuple[Any, ...] = (1, "m\n1", "+1", "+2", "t", "line\nbreak\r\u2028", "r")
     chunk = encode_events([row])
-    assert chunk.endswith(b"\n\n") and chunk.count(b"\n") == 4
+    assert chunk.endswith(b"\n\n")
+    assert chunk.count(b"\n") == 4
     assert chunk.startswith(b"id: 1\nevent: message\ndata: {")

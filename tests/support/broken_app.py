@@ -19,8 +19,9 @@ from fastapi import FastAPI
 
 import app.main
 from app.config import Settings
-from app.models import ListQuery, Message, MessagePage, Stats
+from app.models import FeedQuery, ListQuery, Message, MessagePage, Stats
 from app.storage import MessageStore, SQLiteStore, open_store
+from app.storage.feed import FeedBatch, FeedSignal
 from app.storage.rows import message_row, utc_now
 
 # What the internal_error variant's exceptions say: nothing of it may reach a client or a log.
@@ -39,6 +40,13 @@ class DelegatingStore:
 
     async def stats(self) -> Stats:
         return await self.store.stats()
+
+    async def read_feed(self, query: FeedQuery) -> FeedBatch:
+        return await self.store.read_feed(query)
+
+    @property
+    def feed_signal(self) -> FeedSignal:
+        return self.store.feed_signal
 
     async def ping(self) -> None:
         await self.store.ping()
