@@ -94,9 +94,7 @@ async def test_settled_covers_what_was_read(store: AnyStore) -> None:
     later = await store.read_feed(FeedQuery(after=batch.settled, limit=10))
     assert later.rows == []
     await store.insert(msg("b"))
-    assert [row[1] for row in (await store.read_feed(FeedQuery(after=batch.settled))).rows] == [
-        "b"
-    ]
+    assert [row[1] for row in (await store.read_feed(FeedQuery(after=batch.settled))).rows] == ["b"]
 
 
 async def test_following_one_sender(store: AnyStore) -> None:
@@ -343,9 +341,7 @@ async def test_subscribers_joining_at_any_moment_see_each_message_once(
         results.append((sender or "all", got))
         await collect(hub, Subscriber(0, sender), wanted, got)
 
-    joiners = [
-        asyncio.ensure_future(join_later(d, None, total)) for d in (0, 0.05, 0.2, 0.4, 0.8)
-    ]
+    joiners = [asyncio.ensure_future(join_later(d, None, total)) for d in (0, 0.05, 0.2, 0.4, 0.8)]
     joiners.append(asyncio.ensure_future(join_later(0.3, "+15550000002", total // 5)))
     try:
         async with asyncio.timeout(30):

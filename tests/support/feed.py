@@ -151,11 +151,24 @@ class EventStream:
         self.conn.close()
 
 
-def stalled_stream(base_url: str) -> socket.socket:
+def last_position(base_url: str) -> int:
+    conn = connect(base_url)
+    try:
+        after = 0
+        while True:
+            page = get_json(conn, f"/feed?after={after}&limit=1000")
+            if not page["data"]:
+                return after
+            after = page["next_after"]
+    finally:
+        conn.close()
+
+
+def stalled_stream(base_url: str, after: int = 0) -> socket.socket:
     """A stream whose client reads the response head, then nothing ever again."""
     parts = urlsplit(base_url)
     sock = socket.create_connection((parts.hostname or "", parts.port or 80), timeout=10)
-    sock.sendall(b"GET /feed/stream HTTP/1.1\r\nHost: test\r\n\r\n")
+    sock.sendall(b"GET /feed/stream?after=%d HTTP/1.1\r\nHost: test\r\n\r\n" % after)
     head = b""
     while b"\r\n\r\n" not in head:
         head += sock.recv(1)
