@@ -1,4 +1,4 @@
-"""A small client for a running receiver: `python -m app send` and `python -m app demo`.
+"""A small client for a running receiver: `python -m app send`, `demo` and `follow`.
 
 Standard library only (urllib), so it runs in the runtime image and on a host with a bare
 python3, without the virtualenv.
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import secrets
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -69,8 +71,8 @@ class Client:
         headers = {"Content-Type": "application/json", "X-Signature": signature}
         return self.request("POST", "/webhook", body=body, headers=headers)
 
-    def get(self, path: str) -> Reply:
-        return self.request("GET", path)
+    def get(self, path: str, headers: dict[str, str] | None = None) -> Reply:
+        return self.request("GET", path, headers=headers)
 
     def request(
         self,
@@ -206,3 +208,86 @@ def _total(reply: Reply) -> int | None:
         return None
     total = reply.json().get("total_messages")
     return total if isinstance(total, int) else None
+
+
+# `follow`: every message once, in feed order, resuming from a position file.
+
+# How long the service may hold a poll open when nothing is new (GET /feed?wait=).
+FOLLOW_WAIT_SECONDS = 20
+FOLLOW_RETRY_MAX_SECONDS = 5.0
+
+
+class FollowRefused(Exception):
+    """The service answered the feed with a status retrying cannot fix (401, 422, ...)."""
+
+
+def read_position(path: str | None) -> int:
+    """The position saved in `path` (0 if there is no file yet)."""
+    if path is None:
+        return 0
+    try:
+        with open(path, encoding="ascii") as file:
+            text = file.read().strip()
+    except FileNotFoundError:
+        return 0
+    if not text.isdigit():
+        raise ValueError(f"{path} does not hold a position (a non-negative integer)")
+    return int(text)
+
+
+def write_position(path: str, position: int) -> None:
+    """Replace the file's content atomically: a crash leaves the old or the new position."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w", encoding="ascii") as file:
+        file.write(f"{position}\n")
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def follow(
+    client: Client,
+    out: TextIO,
+    *,
+    after: int = 0,
+    sender: str | None = None,
+    limit: int = 100,
+    position_file: str | None = None,
+    token: str | None = None,
+    warn: TextIO | None = None,
+) -> None:
+    """Print every message after `after` as one JSON line, forever (until interrupted).
+
+    The position is saved after each printed batch, so a restart prints nothing twice
+    that it had saved, and at most the last batch again (at-least-once to `out`).
+    """
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    query = f"&limit={limit}&wait={FOLLOW_WAIT_SECONDS}"
+    if sender is not None:
+        query += "&from=" + urllib.parse.quote(sender)
+    delay = 0.25
+    while True:
+        try:
+            reply = client.get(f"/feed?after={after}{query}", headers)
+        except ServiceUnreachable as exc:
+            reply = None
+            reason = str(exc)
+        if reply is not None and reply.status == 200:
+            page = reply.json()
+            for item in page["data"]:
+                out.write(json.dumps(item, ensure_ascii=False, separators=(",", ":")) + "\n")
+            out.flush()
+            if page["data"]:
+                after = int(page["next_after"])
+                if position_file is not None:
+                    write_position(position_file, after)
+            delay = 0.25
+            continue
+        if reply is not None and reply.status not in (429, 502, 503, 504):
+            raise FollowRefused(f"GET /feed answered {reply.status}: {reply.text[:200]}")
+        if reply is not None:
+            reason = f"GET /feed answered {reply.status}"
+        if warn is not None:
+            print(f"{reason}; retrying in {delay:g} s", file=warn)
+        time.sleep(delay)
+        delay = min(delay * 2, FOLLOW_RETRY_MAX_SECONDS)
