@@ -107,7 +107,7 @@ def prefill_service(path: Path, count: int, prefix: str = "p") -> None:
     now = utc_now()
     conn.executemany(
         "INSERT INTO messages (message_id, from_msisdn, to_msisdn, ts, text, ts_key,"
-        " text_folded, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        " text_folded, created_at, position) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (message_id) DO NOTHING",
         (
             (
@@ -119,8 +119,9 @@ def prefill_service(path: Path, count: int, prefix: str = "p") -> None:
                 instant_key(str(m["ts"])),
                 None if m["text"] is None else str(m["text"]).casefold(),
                 now,
+                position,
             )
-            for m in messages(prefix, count)
+            for position, m in enumerate(messages(prefix, count), start=1)
         ),
     )
     conn.execute("DELETE FROM sender_counts")
