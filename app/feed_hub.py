@@ -45,8 +45,8 @@ POLL_SECONDS = 1.0
 PENDING_POLL_SECONDS = 0.02
 # With many subscribers, wake-ups are spaced by up to this much, so that each write
 # carries more events (see _spacing).
-MAX_SPACING_SECONDS = 0.025
-SPACING_PER_SUBSCRIBER_SECONDS = 0.00002
+MAX_SPACING_SECONDS = 0.05
+SPACING_PER_SUBSCRIBER_SECONDS = 0.00005
 RETRY_MS = 1000
 # The most a stream hands the server at once. A write is accepted whole, however full the
 # socket, and stays in the server's buffer for as long as the client does not read: in
