@@ -270,6 +270,7 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> floa
 
 @dataclass
 class PhaseFigures:
+    seconds: float = 0.0
     attempts: int = 0
     deliveries: int = 0
     acked: int = 0
@@ -285,6 +286,8 @@ class PhaseFigures:
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "seconds": round(self.seconds, 1),
+            "requests_per_s": round(self.attempts / self.seconds) if self.seconds else 0,
             "attempts": self.attempts,
             "deliveries": self.deliveries,
             "acked": self.acked,
@@ -317,12 +320,14 @@ class Sender:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
+        self._started = 0.0
 
     def figures(self, phase: str) -> PhaseFigures:
         return self.phases.setdefault(phase, PhaseFigures())
 
     def start(self, phase: str) -> None:
         self.phase = phase
+        self._started = time.monotonic()
         ready = threading.Event()
 
         def main() -> None:
@@ -348,6 +353,7 @@ class Sender:
         self._thread.join(GIVE_UP_AFTER + 30)
         if self._thread.is_alive():
             raise DrillFailed("the load generator did not stop")
+        self.figures(self.phase).seconds += time.monotonic() - self._started
 
     def _message(self) -> tuple[str, bytes]:
         self._next += 1
@@ -804,12 +810,16 @@ def main() -> int:
 def report(results: dict[str, Any]) -> None:
     figures = results["figures"]
     print()
-    print(f"{'drill':<10} {'requests':>9} {'failed':>8} {'failed %':>9} {'acked':>8} {'max s':>6}")
+    print(
+        f"{'drill':<10} {'seconds':>7} {'requests':>9} {'per s':>6} {'failed':>7}"
+        f" {'failed %':>9} {'acked':>8} {'longest s':>9}"
+    )
     for phase in PHASES:
         f = figures[phase]
         print(
-            f"{phase:<10} {f['attempts']:>9} {f['failed_attempts']:>8} {f['failed_pct']:>9}"
-            f" {f['acked']:>8} {f['max_latency_s']:>6}"
+            f"{phase:<10} {f['seconds']:>7} {f['attempts']:>9} {f['requests_per_s']:>6}"
+            f" {f['failed_attempts']:>7} {f['failed_pct']:>9} {f['acked']:>8}"
+            f" {f['max_latency_s']:>9}"
         )
     stored = results["stored"]
     print(f"acknowledged {stored['acked']}, stored {stored['stored']}, lost {stored['lost']}")
