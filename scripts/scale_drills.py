@@ -64,16 +64,14 @@ def now() -> float:
     return time.time()
 
 
-# ---------------------------------------------------------------------------------------
 # Docker and Compose, every call bounded.
 
 
-def run(args: list[str], timeout: float, stdin: str | None = None) -> str:
+def run(args: list[str], timeout: float) -> str:
     try:
         done = subprocess.run(  # noqa: S603 - fixed docker commands, no shell
             args,
             cwd=REPO,
-            input=stdin,
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -106,10 +104,9 @@ def psql(sql: str, timeout: float = 60) -> str:
     )  # fmt: skip
 
 
-# ---------------------------------------------------------------------------------------
-# Helpers that run inside containers: they print one JSON line per change, and stop by
-# themselves when their standard input closes (this script ended, or its docker client
-# did) or after `seconds`, whichever comes first.
+# Helpers that run inside containers: they print JSON lines (LB_WATCH one per change,
+# READY_WATCH one per probe), and stop by themselves when their standard input closes
+# (this script ended, or its docker client did) or after `seconds`, whichever is first.
 
 STOP_ON_EOF = r"""
 import os, sys, threading
@@ -263,7 +260,6 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> floa
     return time.monotonic() - start
 
 
-# ---------------------------------------------------------------------------------------
 # The sender: signed deliveries on N keep-alive connections, each retried until it is
 # acknowledged (200), as a webhook sender does.
 
@@ -443,7 +439,6 @@ class Sender:
         return status, float(retry_after) if retry_after else None, conn
 
 
-# ---------------------------------------------------------------------------------------
 # The contract through the balancer.
 
 
@@ -575,10 +570,6 @@ def whatsapp_batch(run_id: str, size: int) -> bytes:
     }
     entry = {"id": "102290129340398", "changes": [{"field": "messages", "value": value}]}
     return json.dumps({"object": "whatsapp_business_account", "entry": [entry]}).encode()
-
-
-# ---------------------------------------------------------------------------------------
-# The drills.
 
 
 @contextlib.contextmanager
