@@ -212,8 +212,8 @@ def _total(reply: Reply) -> int | None:
 
 # `follow`: every message once, in feed order, resuming from a position file.
 
-# How long the service may hold a poll open when nothing is new (GET /feed?wait=).
-FOLLOW_WAIT_SECONDS = 20
+# How long the service may hold a poll open when nothing is new (GET /feed?wait=, at most 8).
+FOLLOW_WAIT_SECONDS = 8
 FOLLOW_RETRY_MAX_SECONDS = 5.0
 
 

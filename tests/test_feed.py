@@ -116,7 +116,7 @@ def test_from_follows_one_sender(client: AppClient) -> None:
         ("?from=12345", "from"),
         ("?from=%2B0123", "from"),
         ("?wait=-1", "wait"),
-        ("?wait=31", "wait"),
+        ("?wait=8.5", "wait"),
     ],
 )
 def test_bad_parameters_are_422_in_the_usual_shape(
@@ -132,7 +132,7 @@ def test_bad_parameters_are_422_in_the_usual_shape(
 def test_a_long_poll_answers_at_once_when_there_is_something(client: AppClient) -> None:
     post(client, "m1")
     started = time.monotonic()
-    assert len(feed(client, "?wait=10")["data"]) == 1
+    assert len(feed(client, "?wait=8")["data"]) == 1
     assert time.monotonic() - started < 5
 
 

@@ -9,6 +9,8 @@
   alone: they must be refused.
 - `cursor` of /messages: opaque, issued by the service. In a query generated to be valid,
   a cursor is replaced by a real one (for a position derived from the generated value).
+- /feed/stream never ends: schemathesis reads a stream until the request's timeout (10 s
+  by default) and checks the events it got; STREAM_SECONDS is enough to get them.
 
 Used by tests/reliability/test_contract_fuzz.py, which runs, from the repository root:
 
@@ -33,6 +35,7 @@ from app.models import encode_cursor
 from app.signature import sign_standard_webhook
 
 _WELL_FORMED = re.compile(r"[0-9a-fA-F]{64}")
+STREAM_SECONDS = 1.5
 
 
 _STANDARD_HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature")
@@ -90,6 +93,8 @@ def before_call(context: Any, case: Any, kwargs: dict[str, Any]) -> None:
             kwargs["auth"] = SignStandardWebhook(secret, standard.get("webhook-id"))
         elif isinstance(given, str) and _WELL_FORMED.fullmatch(given):
             kwargs["auth"] = SignBody(secret)
+    elif case.operation.path == "/feed/stream":
+        kwargs["timeout"] = STREAM_SECONDS
     elif case.operation.path == "/messages" and isinstance(case.query, dict):
         cursor = case.query.get("cursor")
         negative = case.meta is not None and case.meta.is_negative_at(ParameterLocation.QUERY)
