@@ -158,7 +158,10 @@ def subscribe(port: int, count: int, after: int, stop: Connection, out: Connecti
         out.send(("dropped", dropped))
         return seen
 
-    out.send(("seen", asyncio.run(main())))
+    started = time.process_time()
+    seen = asyncio.run(main())
+    out.send(("cpu", time.process_time() - started))
+    out.send(("seen", seen))
 
 
 def last_position(port: int) -> int:
@@ -208,10 +211,11 @@ def fanout(server: Server, args: argparse.Namespace, run: str) -> dict[str, floa
     time.sleep(1)  # the last events arrive
     cpu_us = (server.cpu_seconds() - cpu) / len(latencies) * 1e6
     rss_now, rss_peak = server.rss_mb()
-    dropped, seen = 0, []
+    dropped, seen, client_cpu = 0, [], 0.0
     for process, stop, out in children:
         stop.send("stop")
         dropped += out.recv()[1]
+        client_cpu += out.recv()[1]
         seen += out.recv()[1]
         process.join()
     delays = [(at - acked[index]) * 1000 for mine in seen for index, at in mine if index in acked]
@@ -221,6 +225,9 @@ def fanout(server: Server, args: argparse.Namespace, run: str) -> dict[str, floa
         "p50": percentile(latencies, 0.5),
         "p99": percentile(latencies, 0.99),
         "cpu_us": cpu_us,
+        # The subscribers' own CPU, over the whole run (connecting included): they share
+        # the machine's cores with the server.
+        "client_cpu_us": client_cpu / len(latencies) * 1e6,
         "event_p50": percentile(delays, 0.5),
         "event_p99": percentile(delays, 0.99),
         "event_max": max(delays),
@@ -304,6 +311,8 @@ def report(
         f"POST 200 -> event at a subscriber: p50 {median(loaded, 'event_p50'):.1f} ms,"
         f" p99 {median(loaded, 'event_p99'):.1f} ms (target < 100 ms),"
         f" max {median(loaded, 'event_max'):.0f} ms",
+        f"the subscriber processes' own CPU: {median(loaded, 'client_cpu_us'):,.0f} us per"
+        " message, on the same cores",
         f"streams that saw every probe: {median(loaded, 'complete'):.0f} of"
         f" {median(loaded, 'streams'):.0f}; dropped as too slow: {median(loaded, 'dropped'):.0f}",
         f"server RSS with subscribers: {median(loaded, 'rss'):.0f} MB (peak"
