@@ -119,6 +119,11 @@ class Subscriber:
         self._wake()
         return True
 
+    def end(self) -> None:
+        """End the stream after what it has been handed (the server is shutting down)."""
+        self.dropped = True
+        self._wake()
+
     def drop(self) -> None:
         self.dropped = True
         self._chunks.clear()

@@ -4,6 +4,8 @@ stalled stream dropped with memory flat. Each guarantee beside a build that brea
 
 from __future__ import annotations
 
+import json
+import signal
 import sqlite3
 import sys
 import time
@@ -186,3 +188,19 @@ def test_stalled_streams_are_dropped_and_memory_stays_flat(
     else:
         assert closed == [False, False, False]
         assert growth > 18, rss  # the round's 24 MB, shared by the stalled streams
+
+
+def test_a_stream_ends_cleanly_when_the_server_shuts_down(tmp_path: Path) -> None:
+    with running_server(tmp_path, command=SERVE) as server:
+        write_concurrently([server.base_url], 1, writers=1, prefix="a")
+        stream = EventStream(server.base_url)
+        assert stream.messages(1)[0][1] == "a0"
+        started = time.monotonic()
+        assert server.stop(signal.SIGTERM) in (0, -signal.SIGTERM)  # uvicorn re-raises it
+        # The chunked body's terminator, not a connection cut mid-response.
+        with pytest.raises(EOFError):
+            stream.next_event()
+        stream.close()
+        assert time.monotonic() - started < 5
+        lines = [json.loads(line) for line in server.log_lines()]
+    assert not [line for line in lines if line["level"] == "ERROR"]

@@ -7,7 +7,7 @@ stream is app/feed_hub.py.
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from typing import Annotated, cast
 
 import anyio
 from fastapi import APIRouter, Query, Request, Response
@@ -32,6 +32,7 @@ POSITION_MAX = 2**63 - 1
 WAIT_MAX_SECONDS = 8.0
 # A comment line this often, so that proxies do not close a quiet stream.
 KEEPALIVE_SECONDS = 15.0
+SHUTDOWN_GRACE_SECONDS = 1.0
 
 Sender = Annotated[
     str | None,
@@ -104,6 +105,11 @@ class FeedStream(EventSourceResponse):
             ping=KEEPALIVE_SECONDS,
             sep="\n",
             ping_message_factory=lambda: ServerSentEvent(comment="keep-alive", sep="\n"),
+            # On the server's shutdown sse-starlette calls set() on this, then waits up to
+            # the grace period for the stream to end by itself: it does, at once, with the
+            # chunked body's terminator, rather than being cancelled mid-response.
+            shutdown_event=cast("anyio.Event", _EndOnShutdown(self.subscriber)),
+            shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -127,6 +133,16 @@ EVENT_SCHEMA = {
         },
     },
 }
+
+
+class _EndOnShutdown:
+    """What sse-starlette needs of its shutdown event: set()."""
+
+    def __init__(self, subscriber: Subscriber) -> None:
+        self.subscriber = subscriber
+
+    def set(self) -> None:
+        self.subscriber.end()
 
 
 # Read by hand, documented here: declared as `int | None`, the OpenAPI document would
