@@ -191,11 +191,12 @@ class AccessLog:
         path: str,
         status: int,
         latency_ms: float,
-        outcome: tuple[str | None, bool, str, str | None] | None = None,
+        outcome: tuple[str | None, bool | None, str, str | None] | None = None,
     ) -> None:
-        """Log one request; `outcome` is a webhook's (message_id, dup, result, field).
+        """Log one request; `outcome` is (message_id, dup, result, field), for a webhook
+        or a refused request.
 
-        message_id and field appear only when known.
+        message_id, dup and field appear only when known (not None).
         """
         sink = _sink
         head = self._heads.get(levelno)
@@ -214,9 +215,12 @@ class AccessLog:
                 "latency_ms": latency_ms,
             }
             if outcome is not None:
-                message_id, fields["dup"], fields["result"], field = outcome
+                message_id, dup, result, field = outcome
                 if message_id is not None:
                     fields["message_id"] = message_id
+                if dup is not None:
+                    fields["dup"] = dup
+                fields["result"] = result
                 if field is not None:
                     fields["field"] = field
             self.logger.log(levelno, "request", extra=fields)
@@ -232,8 +236,9 @@ class AccessLog:
             message_id, dup, result, field = outcome
             if message_id is not None:
                 line += ',"message_id":' + encode_basestring(message_id)
-            line += (',"dup":true' if dup else ',"dup":false') + ',"result":'
-            line += encode_basestring(result)
+            if dup is not None:
+                line += ',"dup":true' if dup else ',"dup":false'
+            line += ',"result":' + encode_basestring(result)
             if field is not None:
                 line += ',"field":' + encode_basestring(field)
             line += "}"

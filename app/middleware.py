@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.access import AccessPolicy
 from app.logging_utils import AccessLog
 from app.metrics import UNMATCHED_PATH, Metrics
 
@@ -61,8 +62,7 @@ class DirectRoutes:
 
     For the hot path alone (POST /webhook): FastAPI's routing and dependencies cost
     several times the work of the handler itself. Every other path goes through the
-    wrapped app. A `root_path` (an app mounted under a prefix by the server) is honoured
-    as Starlette's router honours it: the prefix is not part of the route.
+    wrapped app. Paths are matched as route_path gives them.
     """
 
     __slots__ = ("_handlers",)
@@ -70,17 +70,22 @@ class DirectRoutes:
     def __init__(self, handlers: dict[str, DirectHandler]) -> None:
         self._handlers = dict(handlers)
 
-    def match(self, scope: Scope) -> tuple[str, DirectHandler] | None:
-        """The route template and its handler, if this request is one of ours."""
-        path: str = scope["path"]
-        root_path = scope.get("root_path")
-        if root_path and path.startswith(root_path):
-            path = path[len(root_path) :]
-        handler = self._handlers.get(path)
-        return None if handler is None else (path, handler)
+    def match(self, path: str) -> DirectHandler | None:
+        """The handler of `path` (see route_path), if it is one of ours."""
+        return self._handlers.get(path)
 
     def __contains__(self, path: str) -> bool:
         return path in self._handlers
+
+
+def route_path(scope: Scope) -> str:
+    """The request's path within the app, as Starlette's router sees it: without the
+    `root_path` (the prefix a server mounts the app under)."""
+    path: str = scope["path"]
+    root_path = scope.get("root_path")
+    if root_path and path.startswith(root_path):
+        return path[len(root_path) :]
+    return path
 
 
 def request_info(scope: Scope) -> RequestInfo:
@@ -91,14 +96,26 @@ def request_info(scope: Scope) -> RequestInfo:
 class ObservabilityMiddleware:
     """Outermost: every request gets an id, a timing, metrics and one access line.
 
-    Requests that `direct` matches are answered by their handler, here; all others go to
-    the wrapped app, with our headers added to its answer.
+    `policy` (app/access.py) decides first whether the request may go on at all, and a
+    refusal is answered here. Requests that `direct` matches are answered by their
+    handler, here; all others go to the wrapped app, with our headers added to its
+    answer. `routes` are the app's fixed paths, so a refused request to one of them is
+    still counted under its route template.
     """
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, direct: DirectRoutes | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        policy: AccessPolicy,
+        direct: DirectRoutes | None = None,
+        routes: frozenset[str] = frozenset(),
+    ) -> None:
         self.app = app
         self.metrics = metrics
+        self.policy = policy
         self.direct = direct or DirectRoutes({})
+        self.routes = routes
         # Minted ids: a random per-instance prefix and a counter. Unique like a uuid4,
         # without reading the kernel's random pool on every request.
         self._id_prefix = os.urandom(8).hex()
@@ -109,28 +126,33 @@ class ObservabilityMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = _incoming_request_id(scope) or (
-            f"{self._id_prefix}{next(self._id_counter):016x}"
+        raw_headers = scope["headers"]
+        incoming_id, host = _scan_headers(raw_headers)
+        request_id = (
+            incoming_id.decode("ascii")
+            if incoming_id is not None and _SANE_REQUEST_ID.fullmatch(incoming_id)
+            else f"{self._id_prefix}{next(self._id_counter):016x}"
         )
         info = scope[_SCOPE_KEY] = RequestInfo(request_id)
         encoded_id = request_id.encode("ascii")
-        direct = self.direct.match(scope)
+        path = route_path(scope)
         try:
-            if direct is None:
+            refusal = self.policy.refusal(path, host, raw_headers)
+            handler = self.direct.match(path) if refusal is None else None
+            if refusal is not None:
+                if path in self.routes:
+                    info.route = path
+                info.status, body, headers, info.result = refusal
+                self.metrics.refusal(info.result)
+                await _send_whole(send, info, body, [*headers], encoded_id)
+            elif handler is None:
                 await self.app(scope, receive, _HeaderAdder(send, info, encoded_id).send)
             else:
-                info.route, handler = direct
+                info.route = path
+                # A webhook's line always says whether it was a duplicate.
+                info.dup = False
                 info.status, body, headers = await handler(scope, receive)
-                info.response_started = True
-                headers += (
-                    (b"content-length", b"%d" % len(body)),
-                    (b"x-request-id", encoded_id),
-                    *_DIRECT_HEADERS,
-                )
-                await send(
-                    {"type": "http.response.start", "status": info.status, "headers": headers}
-                )
-                await send({"type": "http.response.body", "body": body})
+                await _send_whole(send, info, body, headers, encoded_id)
         except Exception as exc:
             # Logged with its frames but not its message, answered generically, and not
             # re-raised: the server would print it again, as plain text.
@@ -159,6 +181,20 @@ class ObservabilityMiddleware:
             _log_access(scope, info, info.status, latency_ms, path_label == UNMATCHED_PATH)
 
 
+async def _send_whole(
+    send: Send, info: RequestInfo, body: bytes, headers: list[RawHeader], encoded_id: bytes
+) -> None:
+    """Send a response answered here (a direct handler's, a refusal): head, then body."""
+    info.response_started = True
+    headers += (
+        (b"content-length", b"%d" % len(body)),
+        (b"x-request-id", encoded_id),
+        *_DIRECT_HEADERS,
+    )
+    await send({"type": "http.response.start", "status": info.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 class _HeaderAdder:
     """The `send` given to the wrapped app: adds our headers, notes the status."""
 
@@ -180,14 +216,18 @@ class _HeaderAdder:
         await self.inner(message)
 
 
-def _incoming_request_id(scope: Scope) -> str | None:
-    for name, value in scope["headers"]:
-        if name == b"x-request-id":
-            if _SANE_REQUEST_ID.fullmatch(value):
-                reused: str = value.decode("ascii")
-                return reused
-            break
-    return None
+def _scan_headers(headers: list[RawHeader]) -> tuple[bytes | None, bytes | None]:
+    """The first X-Request-ID, and the Host header (None if absent or sent twice)."""
+    request_id = host = None
+    hosts = 0
+    for name, value in headers:
+        if name == b"host":
+            host = value
+            hosts += 1
+        elif name == b"x-request-id" and request_id is None:
+            request_id = value
+    # Two Host headers are ambiguous (RFC 9112 says 400): never guess which one counts.
+    return request_id, host if hosts == 1 else None
 
 
 def _mask_numbers(path: str) -> str:
@@ -217,5 +257,5 @@ def _log_access(
         _mask_numbers(path) if unmatched else path,
         status,
         round(latency_ms, 3),
-        None if info.result is None else (info.message_id, bool(info.dup), info.result, info.field),
+        None if info.result is None else (info.message_id, info.dup, info.result, info.field),
     )

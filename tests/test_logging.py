@@ -180,10 +180,11 @@ def test_the_fast_access_line_is_the_formatters_line(value: str) -> None:
         (None, True, "duplicate", None),
         ("m1", False, "created", None),
         (None, False, "validation_error", "from"),
+        (None, None, "missing_token", None),
     ],
 )
 def test_the_fast_access_line_is_the_formatters_line_for_every_outcome(
-    outcome: tuple[str | None, bool, str, str | None] | None,
+    outcome: tuple[str | None, bool | None, str, str | None] | None,
 ) -> None:
     stream = io.StringIO()
     configure_logging("INFO", stream)
