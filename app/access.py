@@ -100,32 +100,35 @@ class BearerTokens:
 
 
 class HostAllowlist:
-    """The Host header must name one of `names` (None: any host), with any port."""
+    """The Host header must name one of `names` (None: any host), with any port.
 
-    __slots__ = ("_allowed", "_exact", "_suffixes")
+    `seen` holds the raw header values found allowed so far, so that the usual one costs
+    a set lookup (see ObservabilityMiddleware). It is bounded, and only allowed values
+    enter it: nothing a client invents can grow it.
+    """
+
+    __slots__ = ("_exact", "_suffixes", "seen")
 
     def __init__(self, names: frozenset[str] | None) -> None:
         self._exact = None if names is None else {n.encode() for n in names if n[0] != "."}
         # ".example.com": example.com and every name under it.
         self._suffixes = tuple(n.encode() for n in names or () if n[0] == ".")
-        self._allowed: set[bytes] = set()
+        self.seen: set[bytes | None] = set()
 
     def allows(self, host: bytes | None) -> bool:
         """Whether a request with this Host header (None: none, or several) may go on."""
+        if host in self.seen:
+            return True
         if self._exact is None:
-            return True
-        if host is None:
-            return False
-        if host in self._allowed:
-            return True
-        name = host_name(host)
-        if name is None:
-            return False
-        allowed = name in self._exact or any(
-            name.endswith(suffix) or name == suffix[1:] for suffix in self._suffixes
-        )
-        if allowed and len(self._allowed) < _HOST_CACHE_SIZE:
-            self._allowed.add(host)
+            allowed = True
+        else:
+            name = None if host is None else host_name(host)
+            allowed = name is not None and (
+                name in self._exact
+                or any(name.endswith(suffix) or name == suffix[1:] for suffix in self._suffixes)
+            )
+        if allowed and host is not None and len(self.seen) < _HOST_CACHE_SIZE:
+            self.seen.add(host)
         return allowed
 
 
@@ -150,7 +153,7 @@ def host_name(host: bytes) -> bytes | None:
 class AccessPolicy:
     """The rule above, for one app's settings."""
 
-    __slots__ = ("_default", "_hosts", "_rules")
+    __slots__ = ("_default", "_hosts", "_rules", "hosts_allowed", "open_paths")
 
     def __init__(
         self,
@@ -163,6 +166,10 @@ class AccessPolicy:
         self._default = tuple(read_credentials)
         self._rules: dict[str, tuple[Credential, ...]] = dict.fromkeys(PUBLIC_PATHS, ())
         self._rules[METRICS_PATH] = tuple(metrics_credentials)
+        # For the middleware's shortcut: a request naming one of `hosts_allowed` (Host
+        # values allowed before) on one of `open_paths` needs no further look.
+        self.hosts_allowed = hosts.seen
+        self.open_paths = frozenset(path for path, needed in self._rules.items() if not needed)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AccessPolicy:

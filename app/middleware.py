@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.access import AccessPolicy
+from app.access import AccessPolicy, Refusal
 from app.logging_utils import AccessLog
 from app.metrics import UNMATCHED_PATH, Metrics
 
@@ -62,7 +62,8 @@ class DirectRoutes:
 
     For the hot path alone (POST /webhook): FastAPI's routing and dependencies cost
     several times the work of the handler itself. Every other path goes through the
-    wrapped app. Paths are matched as route_path gives them.
+    wrapped app. Paths are matched as Starlette's router matches them: without the
+    `root_path` (the prefix a server mounts the app under).
     """
 
     __slots__ = ("_handlers",)
@@ -71,21 +72,11 @@ class DirectRoutes:
         self._handlers = dict(handlers)
 
     def match(self, path: str) -> DirectHandler | None:
-        """The handler of `path` (see route_path), if it is one of ours."""
+        """The handler of `path` (without the root_path), if it is one of ours."""
         return self._handlers.get(path)
 
     def __contains__(self, path: str) -> bool:
         return path in self._handlers
-
-
-def route_path(scope: Scope) -> str:
-    """The request's path within the app, as Starlette's router sees it: without the
-    `root_path` (the prefix a server mounts the app under)."""
-    path: str = scope["path"]
-    root_path = scope.get("root_path")
-    if root_path and path.startswith(root_path):
-        return path[len(root_path) :]
-    return path
 
 
 def request_info(scope: Scope) -> RequestInfo:
@@ -127,7 +118,19 @@ class ObservabilityMiddleware:
             return
         started = time.perf_counter()
         raw_headers = scope["headers"]
-        incoming_id, host = _scan_headers(raw_headers)
+        # One pass over the headers for the request id and the Host, inline: this runs for
+        # every request, and a call costs as much as the loop. Exactly one Host counts;
+        # none, or two (ambiguous: RFC 9112 says 400), is no Host at all.
+        incoming_id = host = None
+        hosts = 0
+        for name, value in raw_headers:
+            if name == b"host":
+                host = value
+                hosts += 1
+            elif name == b"x-request-id" and incoming_id is None:
+                incoming_id = value
+        if hosts != 1:
+            host = None
         request_id = (
             incoming_id.decode("ascii")
             if incoming_id is not None and _SANE_REQUEST_ID.fullmatch(incoming_id)
@@ -135,24 +138,38 @@ class ObservabilityMiddleware:
         )
         info = scope[_SCOPE_KEY] = RequestInfo(request_id)
         encoded_id = request_id.encode("ascii")
-        path = route_path(scope)
+        # The path as Starlette's router sees it: without the root_path the app is
+        # mounted under.
+        path: str = scope["path"]
+        root_path = scope.get("root_path")
+        if root_path and path.startswith(root_path):
+            path = path[len(root_path) :]
+        policy = self.policy
         try:
-            refusal = self.policy.refusal(path, host, raw_headers)
-            handler = self.direct.match(path) if refusal is None else None
+            # The common case decided without a call: a Host allowed before, an open path.
+            if host in policy.hosts_allowed and path in policy.open_paths:
+                refusal = None
+            else:
+                refusal = policy.refusal(path, host, raw_headers)
             if refusal is not None:
-                if path in self.routes:
-                    info.route = path
-                info.status, body, headers, info.result = refusal
-                self.metrics.refusal(info.result)
-                await _send_whole(send, info, body, [*headers], encoded_id)
-            elif handler is None:
+                await self._refuse(refusal, path, send, info, encoded_id)
+            elif (handler := self.direct.match(path)) is None:
                 await self.app(scope, receive, _HeaderAdder(send, info, encoded_id).send)
             else:
                 info.route = path
-                # A webhook's line always says whether it was a duplicate.
+                # A delivery's line always says whether it was a duplicate.
                 info.dup = False
                 info.status, body, headers = await handler(scope, receive)
-                await _send_whole(send, info, body, headers, encoded_id)
+                info.response_started = True
+                headers += (
+                    (b"content-length", b"%d" % len(body)),
+                    (b"x-request-id", encoded_id),
+                    *_DIRECT_HEADERS,
+                )
+                await send(
+                    {"type": "http.response.start", "status": info.status, "headers": headers}
+                )
+                await send({"type": "http.response.body", "body": body})
         except Exception as exc:
             # Logged with its frames but not its message, answered generically, and not
             # re-raised: the server would print it again, as plain text.
@@ -180,19 +197,24 @@ class ObservabilityMiddleware:
             self.metrics.observe_request(path_label, scope["method"], info.status, latency_ms)
             _log_access(scope, info, info.status, latency_ms, path_label == UNMATCHED_PATH)
 
-
-async def _send_whole(
-    send: Send, info: RequestInfo, body: bytes, headers: list[RawHeader], encoded_id: bytes
-) -> None:
-    """Send a response answered here (a direct handler's, a refusal): head, then body."""
-    info.response_started = True
-    headers += (
-        (b"content-length", b"%d" % len(body)),
-        (b"x-request-id", encoded_id),
-        *_DIRECT_HEADERS,
-    )
-    await send({"type": "http.response.start", "status": info.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    async def _refuse(
+        self, refusal: Refusal, path: str, send: Send, info: RequestInfo, encoded_id: bytes
+    ) -> None:
+        info.status, body, headers, info.result = refusal
+        # Counted under its route template when it names one, so a dashboard shows which
+        # endpoint was refused; unknown paths share the unmatched label.
+        if path in self.routes:
+            info.route = path
+        self.metrics.refusal(info.result)
+        info.response_started = True
+        headers = [
+            *headers,
+            (b"content-length", b"%d" % len(body)),
+            (b"x-request-id", encoded_id),
+            *_DIRECT_HEADERS,
+        ]
+        await send({"type": "http.response.start", "status": info.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
 
 class _HeaderAdder:
@@ -214,20 +236,6 @@ class _HeaderAdder:
             headers.extend(_EXTRA_HEADERS)
             message = {**message, "headers": headers}
         await self.inner(message)
-
-
-def _scan_headers(headers: list[RawHeader]) -> tuple[bytes | None, bytes | None]:
-    """The first X-Request-ID, and the Host header (None if absent or sent twice)."""
-    request_id = host = None
-    hosts = 0
-    for name, value in headers:
-        if name == b"host":
-            host = value
-            hosts += 1
-        elif name == b"x-request-id" and request_id is None:
-            request_id = value
-    # Two Host headers are ambiguous (RFC 9112 says 400): never guess which one counts.
-    return request_id, host if hosts == 1 else None
 
 
 def _mask_numbers(path: str) -> str:

@@ -11,7 +11,7 @@ import pytest
 from fastapi import APIRouter
 from starlette.types import Message
 
-from app.access import host_name
+from app.access import HostAllowlist, host_name
 from app.main import create_app
 from tests.support.battery import raw_exchange, status_of
 from tests.support.clients import SECRET, AppClient, MakeClient, json_lines, make_settings, message
@@ -434,3 +434,14 @@ def bearer_line(token: str = READ) -> str:
 
 def raw_status(base_url: str, head: str) -> int | None:
     return status_of(raw_exchange(base_url, (head + "\r\n\r\n").encode()))
+
+
+def test_the_host_cache_keeps_only_allowed_values_and_is_bounded() -> None:
+    hosts = HostAllowlist(frozenset({"localhost"}))
+    for number in range(1000):
+        assert not hosts.allows(b"rebind%d.example" % number)
+    assert hosts.seen == set()
+    for port in range(1000):
+        assert hosts.allows(b"localhost:%d" % port)
+    assert len(hosts.seen) == 64
+    assert not hosts.allows(None)
