@@ -114,6 +114,10 @@ class ObservabilityMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            if scope["type"] == "websocket" and self._refuses_websocket(scope):
+                # Before the handshake is accepted: the server answers it with a 403.
+                await send({"type": "websocket.close", "code": 1008})
+                return
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
@@ -196,6 +200,16 @@ class ObservabilityMiddleware:
             path_label = info.route or getattr(scope.get("route"), "path", None) or UNMATCHED_PATH
             self.metrics.observe_request(path_label, scope["method"], info.status, latency_ms)
             _log_access(scope, info, info.status, latency_ms, path_label == UNMATCHED_PATH)
+
+    def _refuses_websocket(self, scope: Scope) -> bool:
+        # The same rule as for HTTP, so that a live feed added later is covered too.
+        hosts = [value for name, value in scope["headers"] if name == b"host"]
+        path: str = scope["path"]
+        root_path = scope.get("root_path")
+        if root_path and path.startswith(root_path):
+            path = path[len(root_path) :]
+        host = hosts[0] if len(hosts) == 1 else None
+        return self.policy.refusal(path, host, scope["headers"]) is not None
 
     async def _refuse(
         self, refusal: Refusal, path: str, send: Send, info: RequestInfo, encoded_id: bytes

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi import APIRouter
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.types import Message
 
 from app.access import HostAllowlist, host_name
@@ -445,3 +445,24 @@ def test_the_host_cache_keeps_only_allowed_values_and_is_bounded() -> None:
         assert hosts.allows(b"localhost:%d" % port)
     assert len(hosts.seen) == 64
     assert not hosts.allows(None)
+
+
+def test_a_websocket_is_held_to_the_same_rule() -> None:
+    app = create_app(make_settings(read_tokens=READ))
+    feed = APIRouter()
+
+    @feed.websocket("/live")
+    async def live(socket: WebSocket) -> None:
+        await socket.accept()
+        await socket.send_text("rows")
+        await socket.close()
+
+    app.include_router(feed)
+    with AppClient(app) as client:
+        with pytest.raises(WebSocketDisconnect) as refused:
+            client.websocket_connect("ws://localhost/live").__enter__()
+        assert refused.value.code == 1008
+        with client.websocket_connect("ws://localhost/live", headers=bearer(READ)) as socket:
+            assert socket.receive_text() == "rows"
+        with pytest.raises(WebSocketDisconnect):
+            client.websocket_connect("ws://evil.example/live", headers=bearer(READ)).__enter__()
