@@ -283,3 +283,18 @@ def test_a_hostile_path_reaches_the_access_line_escaped(
     assert "\u202e" not in line
     assert '"path":"/\\u009b2J\\u202egnp.exe"' in line
     assert json.loads(line)["path"] == "/\x9b2J\u202egnp.exe"
+
+
+def test_a_signed_message_id_reaches_the_access_line_escaped(
+    capsys: pytest.CaptureFixture[str], make_client: MakeClient
+) -> None:
+    client = make_client()
+    hostile = "\x9b2J\u202egnp.exe\u200b"
+    assert client.post_signed(message(message_id=hostile)).status_code == 200
+    raw = capsys.readouterr().out
+    (line,) = [text for text in raw.splitlines() if '"logger":"app.access"' in text]
+    assert not any(unicodedata.category(char) in UNSAFE_CATEGORIES for char in line)
+    assert '"message_id":"\\u009b2J\\u202egnp.exe\\u200b"' in line
+    assert json.loads(line)["message_id"] == hostile
+    # Stored as sent: the escaping is the log's, not the data's.
+    assert client.get("/messages").json()["data"][0]["message_id"] == hostile
