@@ -266,7 +266,13 @@ def test_open_reads_can_be_published_deliberately(tmp_path: Path, allow: str) ->
 
 
 def test_make_up_refuses_before_compose_starts(tmp_path: Path) -> None:
-    for name in ["Makefile", "requirements.txt", "requirements-dev.txt"]:
+    (tmp_path / "deploy").mkdir()
+    for name in [
+        "Makefile",
+        "requirements.txt",
+        "requirements-dev.txt",
+        "deploy/requirements-checkov.txt",
+    ]:
         shutil.copy(ROOT / name, tmp_path / name)
     shutil.copytree(SCRIPTS, tmp_path / "scripts")
     # A docker that only notes it was called.
@@ -279,6 +285,7 @@ def test_make_up_refuses_before_compose_starts(tmp_path: Path) -> None:
     refused = run(tmp_path, ["make", "up"], {**env, "API_HOST": "0.0.0.0"})
     assert refused.returncode != 0
     assert "READ_TOKENS" in refused.stderr
+    assert "No such file" not in refused.stderr
     assert not (bin_dir / "called").exists()
     # With a token, make goes on to Compose (the stub docker; wait-ready is not reached
     # in a meaningful way, so only the call is checked).
