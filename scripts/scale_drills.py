@@ -376,7 +376,9 @@ class Sender:
             figures.deliveries += 1
             signature = hmac.new(self.secret, body, hashlib.sha256).hexdigest()
             request = (
-                f"POST /webhook HTTP/1.1\r\nHost: lb\r\nContent-Type: application/json\r\n"
+                # The host as the sender names it: the service checks it (ALLOWED_HOSTS).
+                f"POST /webhook HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                "Content-Type: application/json\r\n"
                 f"X-Signature: {signature}\r\nContent-Length: {len(body)}\r\n\r\n"
             ).encode() + body
             first_try = True
