@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return print_signature(args.file, "WHATSAPP_APP_SECRET", hub=True)
         return print_signature(args.file, "WEBHOOK_SECRET")
     try:
-        client = Client(args.url, timeout=args.timeout)
+        client = Client(args.url, timeout=args.timeout, read_token=first_read_token())
     except BadURL as exc:
         return fail(str(exc), EXIT_USAGE)
     if args.command == "follow":
@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         "follow",
         help="print every stored message once, in feed order, as JSON lines; keep following",
         description="Polls GET /feed (long polls while nothing is new). Sends"
-        " `Authorization: Bearer $READ_TOKEN` when READ_TOKEN is set. Stops on Ctrl-C.",
+        " `Authorization: Bearer $READ_TOKEN` when READ_TOKEN is set (else the first of"
+        " READ_TOKENS, if set). Stops on Ctrl-C.",
     )
     follow_cmd.add_argument(
         "--from", dest="sender", metavar="E164", help="only this sender's messages"
@@ -165,6 +166,8 @@ def run_follow(client: Client, args: argparse.Namespace) -> int:
         return fail(str(exc), EXIT_USAGE)
     # A poll is held open up to FOLLOW_WAIT_SECONDS when nothing is new.
     client.timeout = max(client.timeout, FOLLOW_WAIT_SECONDS + client.timeout)
+    # The consumer's own token first; else the first of the service's, as `demo` does.
+    client.read_token = os.environ.get("READ_TOKEN") or client.read_token
     try:
         follow(
             client,
@@ -173,7 +176,6 @@ def run_follow(client: Client, args: argparse.Namespace) -> int:
             sender=args.sender,
             limit=args.limit,
             position_file=args.position_file,
-            token=os.environ.get("READ_TOKEN") or None,
             warn=sys.stderr,
         )
     except KeyboardInterrupt:
@@ -193,6 +195,19 @@ _MISSING_KEY_HELP = (
     "WEBHOOK_SECRET is not set: export the secret the service verifies with "
     "(`make up` keeps a generated one in .env; `make demo` reads it from there)"
 )
+
+
+def first_read_token() -> str | None:
+    """The first of READ_TOKENS (or of READ_TOKENS_FILE's content), for reading /stats."""
+    tokens = os.environ.get("READ_TOKENS", "")
+    path = os.environ.get("READ_TOKENS_FILE", "")
+    if not tokens and path:
+        try:
+            with open(path, encoding="utf-8") as file:
+                tokens = file.read()
+        except (OSError, UnicodeDecodeError):
+            return None  # the service refuses such a file itself, and says why
+    return tokens.strip().split(",")[0] or None
 
 
 def fail(message: str, code: int) -> int:

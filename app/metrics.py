@@ -42,6 +42,8 @@ WHATSAPP_RESULTS = (
 WHATSAPP_MESSAGE_RESULTS = ("created", "duplicate", "invalid")
 # Meta's status values; anything else (a new one, a malformed one) counts as "other".
 WHATSAPP_STATUSES = ("sent", "delivered", "read", "failed", "other")
+# Requests refused before any route saw them (app/access.py's results).
+REFUSAL_REASONS = ("invalid_host", "missing_token", "invalid_token")
 # The label for requests that matched no route: a scanner must not grow the label set.
 UNMATCHED_PATH = "unmatched"
 LATENCY_BUCKETS_MS = (0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
@@ -63,6 +65,7 @@ class _RequestCounts(Collector):
         self.requests: dict[tuple[str, int], int] = {}
         self.results = dict.fromkeys(WEBHOOK_RESULTS, 0)
         self.keys = [0] * len(SIGNATURE_KEYS)
+        self.refusals = dict.fromkeys(REFUSAL_REASONS, 0)
         # Per bucket, not cumulative: observing adds to one; the +Inf bucket is last.
         self.latency_counts = [0] * (len(LATENCY_BUCKETS_MS) + 1)
         self.latency_sum = 0.0
@@ -120,6 +123,14 @@ class _RequestCounts(Collector):
         for key, count in zip(SIGNATURE_KEYS, self.keys, strict=True):
             keys.add_metric([key], count)
         yield keys
+        refusals = CounterMetricFamily(
+            "access_refusals",
+            "Requests refused before routing: a Host not allowed, a missing or invalid token.",
+            labels=["reason"],
+        )
+        for reason, count in self.refusals.items():
+            refusals.add_metric([reason], count)
+        yield refusals
 
 
 class Metrics:
@@ -183,6 +194,9 @@ class Metrics:
     def signature_key(self, index: int) -> None:
         """Count a delivery verified by key `index` (0: current, 1: previous)."""
         self._counts.keys[min(index, len(SIGNATURE_KEYS) - 1)] += 1
+
+    def refusal(self, reason: str) -> None:
+        self._counts.refusals[reason] += 1
 
     def whatsapp(self, result: str) -> None:
         self.whatsapp_requests.labels(result=result).inc()

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from app.models import ISO_UTC
-from tests.support.clients import AppClient, message
+from tests.support.clients import AppClient, MakeClient, message
 
 ALICE = "+919876543210"
 BOB = "+14155550100"
@@ -153,3 +153,15 @@ def test_the_stream_refuses_a_bad_last_event_id(client: AppClient) -> None:
 def test_the_feed_is_in_the_openapi_document(client: AppClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/feed", "/feed/stream"} <= set(paths)
+
+
+READ = "feed-read-token-0123456789"
+
+
+def test_the_feed_follows_the_read_access_rule(make_client: MakeClient) -> None:
+    client = make_client(read_tokens=READ)
+    for path in ("/feed", "/feed?after=0&limit=10", "/feed/stream"):
+        assert client.get(path).status_code == 401
+    post(client, "m1")  # the senders' path stays open
+    response = client.get("/feed", headers={"Authorization": f"Bearer {READ}"})
+    assert [item["message_id"] for item in response.json()["data"]] == ["m1"]

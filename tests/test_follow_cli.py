@@ -19,8 +19,9 @@ from tests.support.servers import ROOT, running_server
 pytestmark = pytest.mark.slow
 
 
-def start_follow(url: str, *args: str) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if k not in {"WEBHOOK_SECRET", "READ_TOKEN"}}
+def start_follow(url: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    unset = {"WEBHOOK_SECRET", "READ_TOKEN", "READ_TOKENS", "READ_TOKENS_FILE"}
+    env = {**{k: v for k, v in os.environ.items() if k not in unset}, **(env or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "app", "follow", "--url", url, *args],
         cwd=ROOT,
@@ -73,3 +74,17 @@ def test_follow_says_what_is_wrong_with_a_refused_request(tmp_path: Path) -> Non
         _, errors = follower.communicate(timeout=15)
         assert follower.returncode == 1
         assert "GET /feed answered 422" in errors
+
+
+def test_follow_sends_read_token_as_a_bearer_token(tmp_path: Path) -> None:
+    token = "follow-read-token-0123456789"
+    with running_server(tmp_path, env={"READ_TOKENS": token}) as server:
+        write_concurrently([server.base_url], 1, writers=1, prefix="a")
+        refused = start_follow(server.base_url)
+        _, errors = refused.communicate(timeout=15)
+        assert refused.returncode == 1
+        assert "answered 401" in errors
+        assert "READ_TOKEN" in errors
+        follower = start_follow(server.base_url, env={"READ_TOKEN": token})
+        assert lines(follower, 1)[0]["message_id"] == "a0"
+        assert interrupt(follower)[0] == 0
