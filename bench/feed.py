@@ -61,7 +61,7 @@ def body(index: int, run: str) -> bytes:
 def request(raw: bytes) -> bytes:
     signature = hmac.digest(SECRET.encode(), raw, "sha256").hex()
     return (
-        b"POST /webhook HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        b"POST /webhook HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"X-Signature: %s\r\nContent-Length: %d\r\n\r\n%s" % (signature.encode(), len(raw), raw)
     )
 
@@ -148,7 +148,9 @@ def subscribe(port: int, count: int, after: int, stop: Connection, out: Connecti
             transport, reader = await loop.create_connection(
                 functools.partial(ProbeReader, mine), "127.0.0.1", port
             )
-            transport.write(b"GET /feed/stream?after=%d HTTP/1.1\r\nHost: bench\r\n\r\n" % after)
+            transport.write(
+                b"GET /feed/stream?after=%d HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % after
+            )
             readers.append((transport, reader))
         out.send(("ready", None))
         await loop.run_in_executor(None, stop.recv)

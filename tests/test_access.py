@@ -84,16 +84,16 @@ def test_a_read_endpoint_added_later_is_locked_without_doing_anything() -> None:
     app = create_app(make_settings(read_tokens=READ))
     later = APIRouter()
 
-    @later.get("/feed")
-    async def feed() -> dict[str, str]:
-        return {"feed": "rows"}
+    @later.get("/reports")
+    async def reports() -> dict[str, str]:
+        return {"report": "rows"}
 
     app.include_router(later)
     with AppClient(app) as client:
         client.read_token = READ
-        assert client.get("/feed").status_code == 401
-        assert client.get("/feed", headers=bearer(READ)).json() == {"feed": "rows"}
-        assert client.metric("http_requests_total", path="/feed", status="401") == 1
+        assert client.get("/reports").status_code == 401
+        assert client.get("/reports", headers=bearer(READ)).json() == {"report": "rows"}
+        assert client.metric("http_requests_total", path="/reports", status="401") == 1
 
 
 @pytest.mark.parametrize(

@@ -168,11 +168,13 @@ def stalled_stream(base_url: str, after: int = 0) -> socket.socket:
     """A stream whose client reads the response head, then nothing ever again."""
     parts = urlsplit(base_url)
     sock = socket.create_connection((parts.hostname or "", parts.port or 80), timeout=10)
-    sock.sendall(b"GET /feed/stream?after=%d HTTP/1.1\r\nHost: test\r\n\r\n" % after)
+    sock.sendall(b"GET /feed/stream?after=%d HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % after)
     head = b""
     while b"\r\n\r\n" not in head:
         head += sock.recv(1)
-    assert head.startswith(b"HTTP/1.1 200"), head
+    if not head.startswith(b"HTTP/1.1 200"):
+        sock.close()
+        raise AssertionError(head)
     return sock
 
 
