@@ -14,13 +14,14 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api import messages, probes, whatsapp
+from app.api import console, messages, pages, probes, whatsapp
 from app.api.deps import AppState
 from app.api.webhook import PATH, WebhookEndpoint, openapi_operation
 from app.config import ConfigError, Settings, load_settings
 from app.logging_utils import configure_logging, refuse_to_start
 from app.metrics import Metrics
 from app.middleware import DirectRoutes, ObservabilityMiddleware
+from app.rejections import RejectionRecorder
 from app.storage import MessageStore, open_store
 
 logger = logging.getLogger("app")
@@ -54,10 +55,13 @@ class ReceiverApp(FastAPI):
     - `openapi` adds the direct routes' operations, which FastAPI cannot see.
     """
 
-    def __init__(self, *, settings: Settings, metrics: Metrics, **kwargs: Any) -> None:
+    def __init__(
+        self, *, settings: Settings, metrics: Metrics, recorder: RejectionRecorder, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.receiver_settings = settings
         self.metrics = metrics
+        self.recorder = recorder
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -71,7 +75,8 @@ class ReceiverApp(FastAPI):
         await self.middleware_stack(scope, receive, send)
 
     def build_middleware_stack(self) -> ASGIApp:
-        direct = DirectRoutes({PATH: WebhookEndpoint(self.receiver_settings, self.metrics)})
+        endpoint = WebhookEndpoint(self.receiver_settings, self.metrics, self.recorder)
+        direct = DirectRoutes({PATH: endpoint})
         return ObservabilityMiddleware(super().build_middleware_stack(), self.metrics, direct)
 
     def openapi(self) -> dict[str, Any]:
@@ -108,20 +113,23 @@ def create_app(
             raise SystemExit(2) from None
     configure_logging(settings.log_level)
     metrics = Metrics()
+    recorder = RejectionRecorder(metrics, settings.rejections_kept)
     app_settings = settings
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
         store = await store_opener(app_settings)
+        recorder.start(store)
         settle_heap()
         logger.info(
             "ready to receive",
             extra={"database": app_settings.database.scheme, "version": VERSION},
         )
         try:
-            yield {"settings": app_settings, "store": store, "metrics": metrics}
+            yield {"settings": app_settings, "store": store, "metrics": metrics, "recorder": recorder}
         finally:
             gc.unfreeze()
+            await recorder.stop(store)
             await store.close()
             logger.info("store closed")
 
@@ -129,16 +137,25 @@ def create_app(
     app = ReceiverApp(
         settings=settings,
         metrics=metrics,
+        recorder=recorder,
         title="Webhook receiver",
         version=VERSION,
         summary="Signed WhatsApp-style messages in, exactly once; list, search and count them.",
         lifespan=lifespan,
-        docs_url="/docs" if docs else None,
-        redoc_url="/redoc" if docs else None,
+        # /docs and /redoc are app.api.pages' own: assets shipped with the service, no CDN.
+        docs_url=None,
+        redoc_url=None,
         openapi_url="/openapi.json" if docs else None,
     )
     app.include_router(messages.router)
+    app.include_router(console.router)
     app.include_router(probes.router)
+    if settings.console_enabled:
+        app.include_router(pages.console_router)
+    if docs:
+        app.include_router(pages.docs_router)
+    if settings.console_enabled or docs:
+        app.mount(pages.STATIC_PATH, pages.static_files(), name="static")
     if settings.whatsapp_enabled:
         app.include_router(whatsapp.router)
     elif settings.whatsapp_app_secret is not None or settings.whatsapp_verify_token is not None:

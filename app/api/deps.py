@@ -9,6 +9,7 @@ from starlette.types import Receive
 
 from app.config import Settings
 from app.metrics import Metrics
+from app.rejections import RejectionRecorder
 from app.storage import MessageStore
 
 # OpenAPI fragments the routes share.
@@ -28,6 +29,7 @@ class AppState(TypedDict):
     settings: Settings
     store: MessageStore
     metrics: Metrics
+    recorder: RejectionRecorder
 
 
 # The dependencies are coroutines on purpose: FastAPI runs a plain `def` dependency in a
@@ -49,9 +51,15 @@ async def get_metrics(request: Request) -> Metrics:
     return metrics
 
 
+async def get_recorder(request: Request) -> RejectionRecorder:
+    recorder: RejectionRecorder = request.state.recorder
+    return recorder
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[MessageStore, Depends(get_store)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+RecorderDep = Annotated[RejectionRecorder, Depends(get_recorder)]
 
 
 def json_response(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from app.models import ListQuery, Message, MessagePage, Stats
+from app.records import ConversationPage, Refusal, RejectionPage, TimelineRange
 
 
 class StorageUnavailable(Exception):
@@ -22,6 +24,27 @@ class MessageStore(Protocol):
     async def list_messages(self, query: ListQuery) -> MessagePage: ...
 
     async def stats(self) -> Stats: ...
+
+    async def conversations(self, limit: int, after: tuple[str, str] | None) -> ConversationPage:
+        """Senders, most recent last message first; `after` is the previous page's last
+        (last ts_key, last message_id)."""
+        ...
+
+    async def timeline(self, span: TimelineRange) -> dict[str, int]:
+        """Messages per bucket of `span` that has any, keyed like span.key()."""
+        ...
+
+    async def rejections(self, limit: int, before: int | None) -> RejectionPage:
+        """Refused deliveries, newest first, with ids below `before` if given."""
+        ...
+
+    async def record_rejections(self, refusals: Sequence[Refusal], keep: int) -> None:
+        """Append refusals, keeping only the newest `keep` rows."""
+        ...
+
+    async def stored_messages(self, ids: Sequence[str]) -> list[Message]:
+        """The stored messages among `ids` (any order; unknown ids are left out)."""
+        ...
 
     async def ping(self) -> None:
         """Raise StorageUnavailable unless the database answers, has our schema and writes."""
