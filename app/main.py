@@ -126,7 +126,12 @@ def create_app(
             extra={"database": app_settings.database.scheme, "version": VERSION},
         )
         try:
-            yield {"settings": app_settings, "store": store, "metrics": metrics, "recorder": recorder}
+            yield {
+                "settings": app_settings,
+                "store": store,
+                "metrics": metrics,
+                "recorder": recorder,
+            }
         finally:
             gc.unfreeze()
             await recorder.stop(store)

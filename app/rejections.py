@@ -122,6 +122,9 @@ class RejectionRecorder:
         self._checks: deque[DuplicateCheck] = deque(maxlen=check_queue_size)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # One flush at a time: the task's, or a caller's (stop(), a test) that must see
+        # everything before it written.
+        self._flushing = asyncio.Lock()
         self._failing = False
 
     def refuse(
@@ -166,7 +169,9 @@ class RejectionRecorder:
     async def stop(self, store: MessageStore) -> None:
         """Stop the task, then write what still waits (bounded by the store's timeouts)."""
         if self._task is not None:
-            self._task.cancel()
+            # Never in the middle of a write: what it took from the queues would be lost.
+            async with self._flushing:
+                self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
@@ -182,6 +187,10 @@ class RejectionRecorder:
 
     async def flush(self, store: MessageStore) -> None:
         """Compare the waiting duplicates, then write every waiting refusal, now."""
+        async with self._flushing:
+            await self._flush(store)
+
+    async def _flush(self, store: MessageStore) -> None:
         checks = list(self._checks)
         self._checks.clear()
         try:
