@@ -41,8 +41,10 @@ SIGNATURE_REASONS = {
     FUTURE: "timestamp_in_future",
 }
 QUEUE_SIZE = 1000
-# Each waiting check holds its message (up to 4096 characters of text) until the flush.
-CHECK_QUEUE_SIZE = 2000
+# Each waiting check holds its message (up to 4096 characters of text) until the flush,
+# and costs a read back and a comparison: at most this many per flush, so a flood of
+# redeliveries costs the service a bounded share of its time (the rest are dropped).
+CHECK_QUEUE_SIZE = 1000
 FLUSH_INTERVAL_SECONDS = 0.5
 FIELD_MAX = 200
 # The fields a conflict compares, by their names in the API.

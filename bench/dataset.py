@@ -124,9 +124,19 @@ def prefill_service(path: Path, count: int, prefix: str = "p") -> None:
         ),
     )
     conn.execute("DELETE FROM sender_counts")
+    # Each sender's last message: the greatest (ts_key, message_id), as the triggers keep it.
     conn.execute(
-        "INSERT INTO sender_counts (from_msisdn, count)"
-        " SELECT from_msisdn, count(*) FROM messages GROUP BY from_msisdn"
+        "INSERT INTO sender_counts (from_msisdn, count, last_ts_key, last_message_id)"
+        " SELECT from_msisdn, count(*), max(ts_key), NULL FROM messages GROUP BY from_msisdn"
+    )
+    conn.execute(
+        "UPDATE sender_counts SET last_message_id = (SELECT max(message_id) FROM messages m"
+        " WHERE m.from_msisdn = sender_counts.from_msisdn AND m.ts_key = sender_counts.last_ts_key)"
+    )
+    conn.execute("DELETE FROM message_hours")
+    conn.execute(
+        "INSERT INTO message_hours (hour, count)"
+        " SELECT substr(ts_key, 1, 13), count(*) FROM messages GROUP BY 1"
     )
     conn.execute(
         "UPDATE message_totals SET total = (SELECT count(*) FROM messages),"
