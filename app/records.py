@@ -85,6 +85,10 @@ class RejectionPage(BaseModel):
     )
 
 
+# What a conflict check compares: (from, to, ts as an instant key, text).
+StoredContent = tuple[str, str, str, str | None]
+
+
 class Refusal(NamedTuple):
     """A rejection as the recorder queues it, before the store gives it an id."""
 

@@ -26,7 +26,7 @@ from starlette.types import Scope
 
 from app.metrics import Metrics
 from app.models import InvalidMessage, Message, instant_key_unchecked
-from app.records import Refusal
+from app.records import Refusal, StoredContent
 from app.signature import EXPIRED, FUTURE, MALFORMED, MISMATCH, MISSING
 from app.storage import MessageStore, StorageUnavailable
 
@@ -44,7 +44,7 @@ QUEUE_SIZE = 1000
 # Each waiting check holds its message (up to 4096 characters of text) until the flush,
 # and costs a read back and a comparison: at most this many per flush, so a flood of
 # redeliveries costs the service a bounded share of its time (the rest are dropped).
-CHECK_QUEUE_SIZE = 1000
+CHECK_QUEUE_SIZE = 500
 FLUSH_INTERVAL_SECONDS = 0.5
 FIELD_MAX = 200
 # The fields a conflict compares, by their names in the API.
@@ -85,16 +85,17 @@ def validation_reason(exc: InvalidMessage) -> tuple[str, str | None]:
     return "invalid_field", field[:FIELD_MAX]
 
 
-def differing_fields(sent: Message, stored: Message) -> list[str]:
+def differing_fields(sent: Message, stored: StoredContent) -> list[str]:
     """The fields of COMPARED that differ; `ts` is compared as an instant."""
+    sender, recipient, ts_key, text = stored
     differ = []
-    if sent.from_ != stored.from_:
+    if sent.from_ != sender:
         differ.append("from")
-    if sent.to != stored.to:
+    if sent.to != recipient:
         differ.append("to")
-    if instant_key_unchecked(sent.ts) != instant_key_unchecked(stored.ts):
+    if instant_key_unchecked(sent.ts) != ts_key:
         differ.append("ts")
-    if sent.text != stored.text:
+    if sent.text != text:
         differ.append("text")
     return differ
 
@@ -217,15 +218,14 @@ class RejectionRecorder:
 
     async def _compare(self, store: MessageStore, checks: list[DuplicateCheck]) -> None:
         try:
-            stored = await store.stored_messages(
+            stored = await store.stored_contents(
                 list(dict.fromkeys(c.message.message_id for c in checks))
             )
         except StorageUnavailable:
             self.metrics.rejections_dropped(len(checks))
             raise
-        by_id = {message.message_id: message for message in stored}
         for check in checks:
-            original = by_id.get(check.message.message_id)
+            original = stored.get(check.message.message_id)
             # Gone (deleted since): nothing to compare with.
             differ = [] if original is None else differing_fields(check.message, original)
             if not differ:

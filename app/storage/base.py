@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from app.models import ListQuery, Message, MessagePage, Stats
-from app.records import ConversationPage, Refusal, RejectionPage, TimelineRange
+from app.records import ConversationPage, Refusal, RejectionPage, StoredContent, TimelineRange
 
 
 class StorageUnavailable(Exception):
@@ -42,8 +42,8 @@ class MessageStore(Protocol):
         """Append refusals, keeping only the newest `keep` rows."""
         ...
 
-    async def stored_messages(self, ids: Sequence[str]) -> list[Message]:
-        """The stored messages among `ids` (any order; unknown ids are left out)."""
+    async def stored_contents(self, ids: Sequence[str]) -> dict[str, StoredContent]:
+        """(from, to, ts_key, text) of the stored messages among `ids`, by id."""
         ...
 
     async def ping(self) -> None:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import asyncpg
 
 from app.models import ListQuery, Message, MessagePage, SenderCount, Stats
-from app.records import ConversationPage, Refusal, RejectionPage, TimelineRange
+from app.records import ConversationPage, Refusal, RejectionPage, StoredContent, TimelineRange
 from app.storage import postgres_console as console
 from app.storage.base import StorageUnavailable
 from app.storage.migrations import SCHEMA_VERSION, apply_postgres_schema
@@ -246,9 +246,9 @@ class PostgresStore:
             lambda conn: console.write_rejections(conn, refusals, keep), self._write_timeout
         )
 
-    async def stored_messages(self, ids: Sequence[str]) -> list[Message]:
+    async def stored_contents(self, ids: Sequence[str]) -> dict[str, StoredContent]:
         return await self._with_connection(
-            lambda conn: console.stored_messages(conn, ids), self._read_timeout
+            lambda conn: console.stored_contents(conn, ids), self._read_timeout
         )
 
     async def ping(self) -> None:

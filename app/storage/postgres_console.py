@@ -11,14 +11,15 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 
-from app.models import Message
-from app.records import KEY_LENGTH, ConversationPage, Refusal, RejectionPage, TimelineRange
-from app.storage.rows import (
-    REJECTION_COLUMNS,
-    build_conversations,
-    build_rejections,
-    build_stored,
+from app.records import (
+    KEY_LENGTH,
+    ConversationPage,
+    Refusal,
+    RejectionPage,
+    StoredContent,
+    TimelineRange,
 )
+from app.storage.rows import REJECTION_COLUMNS, build_conversations, build_rejections
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -81,8 +82,8 @@ PRUNE_REJECTIONS = (
     "DELETE FROM rejections WHERE id < ("
     "SELECT id FROM rejections ORDER BY id DESC OFFSET $1 LIMIT 1)"
 )
-STORED_MESSAGES = (
-    "SELECT message_id, from_msisdn, to_msisdn, ts, text FROM messages"
+STORED_CONTENTS = (
+    "SELECT message_id, from_msisdn, to_msisdn, ts_key, text FROM messages"
     " WHERE message_id = ANY($1::text[])"
 )
 
@@ -121,6 +122,6 @@ async def write_rejections(conn: Connection, refusals: Sequence[Refusal], keep: 
         await conn.execute(PRUNE_REJECTIONS, keep - 1)
 
 
-async def stored_messages(conn: Connection, ids: Sequence[str]) -> list[Message]:
-    records = await conn.fetch(STORED_MESSAGES, list(ids))
-    return build_stored([tuple(record) for record in records])
+async def stored_contents(conn: Connection, ids: Sequence[str]) -> dict[str, StoredContent]:
+    records = await conn.fetch(STORED_CONTENTS, list(ids))
+    return {record[0]: (record[1], record[2], record[3], record[4]) for record in records}

@@ -75,11 +75,3 @@ def build_rejections(rows: Sequence[Row], limit: int) -> RejectionPage:
     names = REJECTION_COLUMNS.split(", ")
     data = [Rejection.model_validate(dict(zip(names, r, strict=True))) for r in rows]
     return RejectionPage(data=data, limit=limit, next_cursor=str(rows[-1][0]) if more else None)
-
-
-def build_stored(rows: Sequence[Row]) -> list[Message]:
-    """Messages from rows of (message_id, from, to, ts, text)."""
-    return [
-        Message.model_construct(message_id=r[0], from_=r[1], to=r[2], ts=r[3], text=r[4])
-        for r in rows
-    ]

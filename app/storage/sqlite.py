@@ -21,7 +21,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from app.models import ListQuery, Message, MessagePage, Stats
-from app.records import KEY_LENGTH, ConversationPage, Refusal, RejectionPage, TimelineRange
+from app.records import (
+    KEY_LENGTH,
+    ConversationPage,
+    Refusal,
+    RejectionPage,
+    StoredContent,
+    TimelineRange,
+)
 from app.storage.base import StorageUnavailable
 from app.storage.migrations import apply_sqlite_schema
 from app.storage.rows import Row, message_row
@@ -35,7 +42,7 @@ from app.storage.sqlite_connection import (
 from app.storage.sqlite_console import (
     conversations_page,
     rejections_page,
-    stored_messages,
+    stored_contents,
     timeline_counts,
     write_rejections,
 )
@@ -172,8 +179,8 @@ class SQLiteStore:
     async def record_rejections(self, refusals: Sequence[Refusal], keep: int) -> None:
         await self._write_call(lambda conn: write_rejections(conn, refusals, keep))
 
-    async def stored_messages(self, ids: Sequence[str]) -> list[Message]:
-        return await self._read(lambda conn: stored_messages(conn, ids))
+    async def stored_contents(self, ids: Sequence[str]) -> dict[str, StoredContent]:
+        return await self._read(lambda conn: stored_contents(conn, ids))
 
     async def ping(self) -> None:
         def check(conn: sqlite3.Connection) -> None:

@@ -5,14 +5,8 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
-from app.models import Message
-from app.records import ConversationPage, Refusal, RejectionPage
-from app.storage.rows import (
-    REJECTION_COLUMNS,
-    build_conversations,
-    build_rejections,
-    build_stored,
-)
+from app.records import ConversationPage, Refusal, RejectionPage, StoredContent
+from app.storage.rows import REJECTION_COLUMNS, build_conversations, build_rejections
 from app.storage.sqlite_connection import rollback
 
 # Ids per statement when reading stored messages back (well under SQLite's variable limit).
@@ -65,17 +59,18 @@ def rejections_page(conn: sqlite3.Connection, limit: int, before: int | None) ->
     return build_rejections(rows, limit)
 
 
-def stored_messages(conn: sqlite3.Connection, ids: Sequence[str]) -> list[Message]:
-    found = []
+def stored_contents(conn: sqlite3.Connection, ids: Sequence[str]) -> dict[str, StoredContent]:
+    found: dict[str, StoredContent] = {}
     for start in range(0, len(ids), IDS_PER_STATEMENT):
         chunk = list(ids[start : start + IDS_PER_STATEMENT])
         marks = ", ".join("?" * len(chunk))
-        found += conn.execute(
-            "SELECT message_id, from_msisdn, to_msisdn, ts, text FROM messages"
+        rows = conn.execute(
+            "SELECT message_id, from_msisdn, to_msisdn, ts_key, text FROM messages"
             f" WHERE message_id IN ({marks})",
             chunk,
-        ).fetchall()
-    return build_stored(found)
+        )
+        found.update((row[0], row[1:]) for row in rows)
+    return found
 
 
 def write_rejections(conn: sqlite3.Connection, refusals: Sequence[Refusal], keep: int) -> None:

@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -67,16 +67,15 @@ def chromium(size: tuple[int, int] = DESKTOP) -> Iterator[webdriver.Chrome]:
         driver.set_page_load_timeout(30)
         yield driver
     finally:
-        try:
+        with suppress(WebDriverException):
             driver.quit()
-        except WebDriverException:
-            pass
         shutil.rmtree(profile, ignore_errors=True)
 
 
 def console_errors(driver: webdriver.Chrome) -> list[str]:
     """Messages the page logged at SEVERE (errors, CSP violations, failed loads)."""
-    return [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+    entries: list[dict[str, Any]] = driver.get_log("browser")  # type: ignore[no-untyped-call]
+    return [entry["message"] for entry in entries if entry["level"] == "SEVERE"]
 
 
 def emulate(driver: webdriver.Chrome, *, width: int, height: int, dark: bool) -> None:

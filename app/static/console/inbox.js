@@ -106,7 +106,9 @@ export async function openThread(from) {
   await refreshThread();
   const scroller = byId("thread-scroll");
   scroller.scrollTop = scroller.scrollHeight;
-  scroller.focus({ preventScroll: true });
+  // On a narrow screen the list is gone now: focus moves to what replaced it.
+  if (!byId("back").offsetParent) return;
+  byId("back").focus();
 }
 
 function closeThread() {

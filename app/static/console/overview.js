@@ -6,12 +6,26 @@ import { byId, el, number, svg, toDate, when } from "./dom.js";
 let lastStats = null;
 
 export function setUpOverview() {
-  byId("timeline-bucket").addEventListener("change", drawTimeline);
-  byId("timeline-range").addEventListener("change", drawTimeline);
+  for (const id of ["timeline-bucket", "timeline-range"]) {
+    byId(id).addEventListener("change", () => {
+      rangeChosen = true;
+      drawTimeline();
+    });
+  }
 }
+
+let rangeChosen = false;
 
 export async function refreshOverview(stats) {
   lastStats = stats;
+  if (!rangeChosen && stats.first_message_ts) {
+    // The first time: the shortest range that shows every message (a year at most).
+    const span = (toDate(stats.last_message_ts) - toDate(stats.first_message_ts)) / 86400000;
+    const fits = [...byId("timeline-range").options].find((option) => Number(option.value) > span);
+    byId("timeline-range").value = fits ? fits.value : "365";
+    byId("timeline-bucket").value = byId("timeline-range").value === "2" ? "hour" : "day";
+    rangeChosen = true;
+  }
   byId("stat-total").textContent = number(stats.total_messages);
   byId("stat-senders").textContent = number(stats.senders_count);
   byId("stat-first").textContent = stats.first_message_ts ? when(stats.first_message_ts, "full") : "–";
