@@ -21,7 +21,7 @@ endif
 DEMO_PYTHON ?= $(shell [ -x $(BIN)/python ] && echo $(BIN)/python || echo $(PYTHON))
 
 .PHONY: up down logs demo docker-smoke test test-fast lint soak run init-db bench bench-quick \
-	wrk clean
+	bench-console screenshots wrk clean
 
 # The Compose stack: a secret (exported, else .env, else a fresh one in .env), the image
 # built, the service started and waited for (bounded), then where to find it.
@@ -90,6 +90,12 @@ run: $(STAMP)
 BENCH_ARGS ?= --passes 3 --million --scale-out
 bench: $(STAMP) wrk
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+	$(BIN)/python -m bench.console
+
+# The console at a million messages: /conversations, /stats/timeline, and the first render
+# of / in headless Chromium (docs/console.md).
+bench-console: $(STAMP) wrk
+	$(BIN)/python -m bench.console
 
 bench-quick: $(STAMP) wrk
 	$(BIN)/python -m bench.run --passes 1 --duration 3 --query-duration 2 --rows 20000
@@ -100,6 +106,10 @@ wrk:
 	  echo "installing wrk (Debian package)"; \
 	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -qq wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }; \
 	  else sudo apt-get install -y -qq wrk; fi; }
+
+# The console's screenshots in docs/images/, taken by its browser tests.
+screenshots: $(STAMP)
+	SCREENSHOTS_DIR=docs/images $(BIN)/pytest -q tests/test_console_browser.py -k screenshots
 
 init-db: $(STAMP)
 	DATABASE_URL=$${DATABASE_URL:-sqlite:///./data/app.db} ./scripts/with-env $(BIN)/python -m app init-db

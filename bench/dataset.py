@@ -42,10 +42,10 @@ def sender(rng: random.Random) -> str:
 
 
 def message(
-    rng: random.Random, message_id: str, moment: datetime | None = None
+    rng: random.Random, message_id: str, moment: datetime | None = None, span_days: int = 30
 ) -> dict[str, object]:
     if moment is None:
-        moment = START + timedelta(seconds=rng.uniform(0, 30 * 86400))
+        moment = START + timedelta(seconds=rng.uniform(0, span_days * 86400))
     ts = moment.strftime("%Y-%m-%dT%H:%M:%S")
     if rng.random() < 0.3:
         ts += "." + f"{moment.microsecond:06d}"[: rng.randint(1, 6)]
@@ -64,11 +64,13 @@ def message(
     }
 
 
-def messages(prefix: str, count: int, seed: int = 1) -> Iterator[dict[str, object]]:
-    """Stored history: timestamps anywhere in a month, in no particular order."""
+def messages(
+    prefix: str, count: int, seed: int = 1, span_days: int = 30
+) -> Iterator[dict[str, object]]:
+    """Stored history: timestamps anywhere in `span_days` (a month), in no particular order."""
     rng = random.Random(seed)
     for index in range(count):
-        yield message(rng, f"{prefix}{index}")
+        yield message(rng, f"{prefix}{index}", span_days=span_days)
 
 
 def live_messages(prefix: str, count: int, seed: int = 1) -> Iterator[dict[str, object]]:
@@ -89,7 +91,7 @@ def write_signed_bodies(path: Path, prefix: str, count: int, secret: bytes) -> N
             out.write(f"{signature} {body['message_id']} {raw.decode()}\n")
 
 
-def prefill_service(path: Path, count: int, prefix: str = "p") -> None:
+def prefill_service(path: Path, count: int, prefix: str = "p", span_days: int = 30) -> None:
     """A store in the service's schema with `count` messages, aggregates and index built.
 
     Rows go in with the search and aggregate triggers off, which are rebuilt once at the
@@ -120,7 +122,7 @@ def prefill_service(path: Path, count: int, prefix: str = "p") -> None:
                 None if m["text"] is None else str(m["text"]).casefold(),
                 now,
             )
-            for m in messages(prefix, count)
+            for m in messages(prefix, count, span_days=span_days)
         ),
     )
     conn.execute("DELETE FROM sender_counts")

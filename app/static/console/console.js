@@ -70,6 +70,8 @@ function setLive(up) {
 }
 
 async function start() {
+  // The list first: it is what a visit comes for.
+  const first = loadConversations(true);
   setUpInbox();
   setUpSearch();
   setUpOverview();
@@ -77,7 +79,7 @@ async function start() {
   byId("sign-out").addEventListener("click", signOut);
   window.addEventListener("hashchange", () => show(location.hash.slice(1)));
   show(location.hash.slice(1));
-  await loadConversations(true);
+  await first;
   tick();
 }
 
