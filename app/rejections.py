@@ -184,7 +184,10 @@ class RejectionRecorder:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            await self.flush(store)
+            try:
+                await self.flush(store)
+            except Exception:  # one bad batch must not end the recording
+                logger.exception("recording rejections failed")
             # At most one write per interval, however fast refusals arrive.
             await asyncio.sleep(self.interval)
 
