@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 
 from app.metrics import REJECTION_REASONS, WEBHOOK_RESULTS
+from app.rejections import QUEUE_SIZE
 from tests.support.clients import SECRET, AppClient, MakeClient, json_lines, message
 from tests.support.meta import APP_SECRET, PATH, VERIFY_TOKEN, batch, change, text_message
 from tests.test_whatsapp import post as post_batch
@@ -445,3 +447,57 @@ def test_the_new_operations_are_documented(client: AppClient) -> None:
     assert {"/conversations", "/stats/timeline", "/rejections"} <= set(paths)
     params = {p["name"] for p in paths["/messages"]["get"]["parameters"]}
     assert {"to", "until", "order", "cursor"} <= params
+
+
+# The recorder: bounded, off the request path
+
+
+def test_a_full_queue_drops_the_oldest_and_counts_them(client: AppClient) -> None:
+    recorder = client.app_state["recorder"]
+    rejections(client)
+    # Hold the task off, so that everything waits in the queue.
+    assert client.portal is not None
+    client.portal.call(recorder._flushing.acquire)
+    try:
+        for index in range(1, QUEUE_SIZE + 6):
+            client.post("/webhook", content=b"{}", headers={"X-Request-ID": f"q{index}"})
+    finally:
+        recorder._flushing.release()
+    listed = [r["request_id"] for r in rejections(client)]
+    assert listed[0] == f"q{QUEUE_SIZE + 5}"
+    assert client.metric("webhook_rejections_dropped_total") == 5
+    assert client.metric("webhook_rejections_total", reason="missing_signature") == QUEUE_SIZE + 5
+    # The oldest kept is the first that was not dropped.
+    page = client.get("/rejections?limit=100").json()
+    kept = page["data"]
+    while page["next_cursor"]:
+        page = client.get(f"/rejections?limit=100&cursor={page['next_cursor']}").json()
+        kept += page["data"]
+    assert [r["request_id"] for r in kept][-1] == "q6"
+    assert len(kept) == QUEUE_SIZE
+
+
+def test_a_stuck_rejection_write_does_not_hold_up_deliveries(client: AppClient) -> None:
+    store = client.store
+    written = store.record_rejections
+    assert client.portal is not None
+    release = client.portal.call(anyio_event)
+
+    async def stuck(refusals: Any, keep: int) -> None:
+        await release.wait()
+        await written(refusals, keep)
+
+    store.record_rejections = stuck  # type: ignore[method-assign]
+    try:
+        for _ in range(20):
+            assert client.post("/webhook", content=b"{}").status_code == 401
+        assert client.post_signed(message()).status_code == 200
+        assert not release.is_set()  # every answer came while the write was stuck
+    finally:
+        client.portal.call(release.set)
+        store.record_rejections = written  # type: ignore[method-assign]
+    assert len(rejections(client)) == 20
+
+
+async def anyio_event() -> asyncio.Event:
+    return asyncio.Event()
