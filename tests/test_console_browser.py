@@ -247,12 +247,15 @@ def test_screenshots(
 ) -> None:
     folder = Path(os.environ.get("SCREENSHOTS_DIR") or tmp_path)
     emulate(browser, width=size[0], height=size[1], dark=dark)
+    browser.get("about:blank")  # a fresh page, not a jump within the last one
     browser.get(server.base_url + f"/#{view}")
     if view == "inbox":
         # A visibly broken page (an empty list where rows exist) fails here.
         wait_for(lambda: count(browser, "#conversations li") >= 10)
-        if size == DESKTOP:
+        # On a phone, one pane at a time: the list in light, a thread in dark.
+        if size == DESKTOP or dark:
             open_conversation(browser, CUSTOMER)
+            wait_for(lambda: browser.find_element("id", "thread-scroll").is_displayed())
     elif view == "overview":
         wait_for(lambda: count(browser, "#timeline-chart rect") > 5)
         wait_for(lambda: count(browser, "#senders-chart rect") == 10)
