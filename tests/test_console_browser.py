@@ -226,6 +226,20 @@ def test_axe_finds_no_serious_or_critical_violation(page: Any) -> None:
 
 
 @pytest.mark.parametrize(
+    ("path", "rendered"),
+    [("/docs", ".swagger-ui .opblock"), ("/redoc", "redoc [data-section-id]")],
+)
+def test_the_api_docs_render_offline_under_their_policy(
+    browser: Any, server: Server, path: str, rendered: str
+) -> None:
+    emulate(browser, width=DESKTOP[0], height=DESKTOP[1], dark=False)
+    browser.get(server.base_url + path)
+    # Nothing comes from elsewhere (there is no elsewhere here), and nothing is refused.
+    wait_for(lambda: count(browser, rendered) > 3)
+    assert console_errors(browser) == []
+
+
+@pytest.mark.parametrize(
     ("name", "size", "dark", "view"),
     [
         ("console-desktop-light", DESKTOP, False, "inbox"),
