@@ -20,6 +20,8 @@ from app.models import Message, instant_key
 from app.records import RangeError, Refusal, dense_timeline, timeline_range
 from app.storage import PostgresStore, SQLiteStore
 from app.storage.migrations import migrations, split_statements
+from app.storage.sqlite_connection import init_sqlite
+from app.storage.sqlite_console import CONVERSATIONS as CONVERSATIONS_SQL
 from tests.support.postgres import PostgresCluster, database_name
 
 AnyStore = SQLiteStore | PostgresStore
@@ -369,3 +371,17 @@ async def test_upgrading_a_postgres_database_with_rows_builds_the_aggregates(
         await check_everything(store)
     finally:
         await store.close()
+
+
+def test_a_conversations_page_is_read_from_the_recency_index(tmp_path: Path) -> None:
+    # Not a GROUP BY per request: the page walks sender_counts_by_recency, with no sort.
+    path = tmp_path / "plan.db"
+    init_sqlite(str(path))
+    with sqlite3.connect(path) as conn:
+        for after in ("", "WHERE (s.last_ts_key, s.last_message_id) < (?, ?)"):
+            sql = "EXPLAIN QUERY PLAN " + CONVERSATIONS_SQL.format(where=after)
+            params = [1] if not after else ["x", "y", 1]
+            plan = " / ".join(str(row[-1]) for row in conn.execute(sql, params))
+            assert "sender_counts_by_recency" in plan, plan
+            assert "TEMP B-TREE" not in plan, plan
+            assert "SCAN m" not in plan, plan

@@ -15,7 +15,7 @@ IDS_PER_STATEMENT = 500
 # Senders most recent first, from sender_counts_by_recency; the last message by its
 # primary key, the first `ts` by one probe of messages_by_sender_ts. Only the page's rows
 # are joined and probed.
-_CONVERSATIONS = """
+CONVERSATIONS = """
 SELECT s.from_msisdn, s.count, s.last_ts_key, m.message_id, m.to_msisdn, m.ts, m.text,
        (SELECT f.ts FROM messages f WHERE f.from_msisdn = s.from_msisdn
          ORDER BY f.ts_key, f.message_id LIMIT 1)
@@ -32,7 +32,7 @@ def conversations_page(
     if after is not None:
         where = "WHERE (s.last_ts_key, s.last_message_id) < (?, ?)"
         params = list(after)
-    sql = _CONVERSATIONS.format(where=where)
+    sql = CONVERSATIONS.format(where=where)
     rows = conn.execute(sql, [*params, limit + 1]).fetchall()
     return build_conversations(rows, limit)
 
