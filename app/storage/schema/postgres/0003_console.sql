@@ -20,13 +20,15 @@ UPDATE sender_counts s SET (last_ts_key, last_message_id) = (
    ORDER BY ts_key DESC, message_id DESC LIMIT 1);
 CREATE INDEX sender_counts_by_recency ON sender_counts (last_ts_key, last_message_id);
 
+-- INTEGER, not BIGINT: an hour holds far fewer than 2^31 messages, and sum() over INTEGER
+-- adds in BIGINT where over BIGINT it adds in NUMERIC (a year of days read 3x slower).
 CREATE TABLE message_hours (
   hour  TEXT COLLATE "C" PRIMARY KEY,  -- 'YYYY-MM-DDTHH' of ts (UTC)
-  count BIGINT NOT NULL
+  count INTEGER NOT NULL
 );
 CREATE TABLE message_hour_deltas (
   hour  TEXT COLLATE "C" NOT NULL,
-  delta BIGINT NOT NULL
+  delta INTEGER NOT NULL
 );
 -- Existing rows: committed ones are counted here; rows whose count deltas are still
 -- pending are counted too (their hours have no deltas), so the two tables agree.
