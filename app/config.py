@@ -130,9 +130,18 @@ class Settings(DatabaseSettings):
     # The console (app/static/console) at `/`, and how many refused deliveries it keeps.
     console_enabled: bool = True
     rejections_kept: int = Field(default=10_000, ge=1, le=1_000_000)
+    # How long a console sign-in lasts (app/session.py).
+    session_ttl_seconds: int = Field(default=12 * 3600, ge=60, le=30 * 86400)
+    # Read tokens, comma-separated. The read-access rule (its guard, its checks on the
+    # tokens) is the read-side change's; the console's sign-in only needs the list.
+    read_tokens: SecretStr | None = None
 
     @field_validator(
-        "webhook_secret_previous", "whatsapp_app_secret", "whatsapp_verify_token", mode="before"
+        "webhook_secret_previous",
+        "whatsapp_app_secret",
+        "whatsapp_verify_token",
+        "read_tokens",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
@@ -179,6 +188,12 @@ class Settings(DatabaseSettings):
     @property
     def whatsapp_enabled(self) -> bool:
         return self.whatsapp_app_secret is not None and self.whatsapp_verify_token is not None
+
+    def read_token_list(self) -> tuple[str, ...]:
+        """The accepted read tokens; empty when READ_TOKENS is unset (reads are open)."""
+        if self.read_tokens is None:
+            return ()
+        return tuple(token for token in self.read_tokens.get_secret_value().split(",") if token)
 
 
 def load_settings() -> Settings:

@@ -14,7 +14,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api import console, messages, pages, probes, whatsapp
+from app.api import console, messages, pages, probes, session, whatsapp
 from app.api.deps import AppState
 from app.api.webhook import PATH, WebhookEndpoint, openapi_operation
 from app.config import ConfigError, Settings, load_settings
@@ -157,6 +157,7 @@ def create_app(
     app.include_router(probes.router)
     if settings.console_enabled:
         app.include_router(pages.console_router)
+        app.include_router(session.router)
     if docs:
         app.include_router(pages.docs_router)
     if settings.console_enabled or docs:

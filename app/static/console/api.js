@@ -83,6 +83,12 @@ export async function signOut() {
   window.location.reload();
 }
 
+// Whether this browser holds a session (so that "Sign out" shows after a reload).
+export async function sessionState() {
+  const response = await fetch("session", { headers: { Accept: "application/json" }, credentials: "same-origin" });
+  return response.ok ? response.json() : { required: false, signed_in: false };
+}
+
 export async function ready() {
   try {
     const response = await fetch("health/ready", { credentials: "same-origin" });

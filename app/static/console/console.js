@@ -1,5 +1,5 @@
 // The console: four views over the JSON API, and a live loop that keeps them current.
-import { getJSON, signOut } from "./api.js";
+import { getJSON, sessionState, signOut } from "./api.js";
 import { byId, number } from "./dom.js";
 import { loadConversations, refreshThread, setUpInbox } from "./inbox.js";
 import { refreshOverview, setUpOverview } from "./overview.js";
@@ -78,6 +78,9 @@ async function start() {
   setUpRefused();
   byId("sign-out").addEventListener("click", signOut);
   window.addEventListener("hashchange", () => show(location.hash.slice(1)));
+  sessionState().then((state) => {
+    byId("sign-out").hidden = !state.signed_in;
+  });
   show(location.hash.slice(1));
   await first;
   tick();
