@@ -7,6 +7,7 @@ installs them as root). Screenshots go to a temporary folder, or to SCREENSHOTS_
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
@@ -282,3 +283,54 @@ def test_screenshots(
     screenshot(browser, folder / f"{name}.png")
     assert (folder / f"{name}.png").stat().st_size > 10_000
     assert console_errors(browser) == []
+
+
+READ_TOKEN = "console-read-token-0123456789abcdef"
+
+
+# The read access guard (app/access.py) comes with the read-side change; until it is in the
+# build, nothing asks for a token, and this test has nothing to prove.
+GUARDED = importlib.util.find_spec("app.access") is not None
+
+
+@pytest.fixture(scope="module")
+def locked_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("locked")
+    db = tmp / "app.db"
+    seed_console_store(db, bulk=200)
+    with running_server(tmp, db_path=db, env={"READ_TOKENS": READ_TOKEN}) as started:
+        yield started
+
+
+@pytest.mark.skipif(
+    not GUARDED, reason="the read access guard (app/access.py) is not in this build"
+)
+def test_sign_in_once_then_the_cookie_opens_the_console_and_the_docs(
+    browser: Any, locked_server: Server
+) -> None:
+    emulate(browser, width=DESKTOP[0], height=DESKTOP[1], dark=False)
+    browser.delete_all_cookies()
+    browser.get(locked_server.base_url + "/")
+    wait_for(lambda: browser.find_element("id", "sign-in").is_displayed())
+    assert count(browser, "#conversations li") == 0
+    token = browser.find_element("id", "sign-in-token")
+    token.send_keys("not-the-token-at-all-000000")
+    browser.find_element("css selector", "#sign-in-form button").click()
+    wait_for(lambda: browser.find_element("id", "sign-in-error").is_displayed())
+    token.clear()
+    token.send_keys(READ_TOKEN)
+    browser.find_element("css selector", "#sign-in-form button").click()
+    wait_for(lambda: count(browser, "#conversations li") > 0)
+    cookie = browser.get_cookie("console_session")
+    assert cookie is not None
+    assert cookie["httpOnly"] is True
+    assert cookie["sameSite"] == "Strict"
+    assert browser.execute_script("return document.cookie") == ""
+    browser.get(locked_server.base_url + "/docs")
+    wait_for(lambda: count(browser, ".swagger-ui .opblock") > 3)
+    browser.get(locked_server.base_url + "/")
+    wait_for(lambda: browser.find_element("id", "sign-out").is_displayed())
+    browser.find_element("id", "sign-out").click()
+    wait_for(lambda: browser.find_element("id", "sign-in").is_displayed())
+    assert browser.get_cookie("console_session") is None
+    browser.get_log("browser")  # the 401s before sign-in are expected
