@@ -14,7 +14,8 @@ import pytest
 from app.metrics import REJECTION_REASONS, WEBHOOK_RESULTS
 from app.rejections import QUEUE_SIZE
 from tests.support.clients import SECRET, AppClient, MakeClient, json_lines, message
-from tests.support.meta import APP_SECRET, PATH, VERIFY_TOKEN, batch, change, text_message
+from tests.support.meta import PATH, batch, change, text_message
+from tests.test_whatsapp import enabled
 from tests.test_whatsapp import post as post_batch
 
 ALICE = "+919876543210"
@@ -394,7 +395,7 @@ def test_each_compared_field_is_named(
 
 
 def test_whatsapp_refusals_and_skipped_messages_are_listed(make_client: MakeClient) -> None:
-    wa = make_client(whatsapp_app_secret=APP_SECRET, whatsapp_verify_token=VERIFY_TOKEN)
+    wa = enabled(make_client)
     assert post_batch(wa, batch(change([])), signature="sha256=" + "0" * 64).status_code == 401
     assert post_batch(wa, b"[1]").status_code == 422
     bad = text_message("wamid.bad", sender="0123")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 
 from app.signature import sign
 from tests.support.browser import (
@@ -81,7 +82,10 @@ def page(browser: Any, server: Server) -> Iterator[Any]:
 def wait_for(condition: Callable[[], T], timeout: float = WAIT_SECONDS) -> T:
     deadline = time.monotonic() + timeout
     while True:
-        value = condition()
+        try:
+            value = condition()
+        except (StaleElementReferenceException, NoSuchElementException):
+            value = None  # the page is being replaced (a reload): look again
         if value:
             return value
         if time.monotonic() > deadline:
