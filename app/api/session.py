@@ -15,7 +15,6 @@ from urllib.parse import parse_qs
 from fastapi import APIRouter, Request, Response
 
 from app.api.deps import SettingsDep, json_response
-from app.config import Settings
 from app.session import COOKIE, SessionCookies, cookie_value, token_matches
 
 logger = logging.getLogger("app.api")
@@ -39,41 +38,47 @@ def presented_token(body: bytes, content_type: str) -> str | None:
     return token if isinstance(token, str) else None
 
 
-# One route for the three methods, so that a wrong method's 405 lists all of them in
-# Allow (separate routes would each answer for their own method only).
+ALLOW = "GET, POST, DELETE"
+
+
+# The three methods are three routes, so a wrong method would get the 405 of the first
+# one, with `Allow: GET`; this route answers the other methods with all three.
 @router.api_route(
     "/session",
-    methods=["GET", "POST", "DELETE"],
-    summary="The console's session: GET reports it, POST signs in, DELETE signs out",
-    description=(
-        'GET: `{"required": bool, "signed_in": bool}`. POST `{"token": "..."}` (JSON,'
-        " or a form field): 204 and the session cookie, 401 for a token that is not one of"
-        " READ_TOKENS, 404 when READ_TOKENS is unset. DELETE: 204, the cookie cleared."
-    ),
-    responses={
-        204: {"description": "Signed in (POST) or out (DELETE)"},
-        401: {"description": "Not one of READ_TOKENS"},
-        404: {"description": "READ_TOKENS is not set"},
-    },
+    methods=["PUT", "PATCH", "OPTIONS", "HEAD", "TRACE"],
+    include_in_schema=False,
 )
-async def session(request: Request, settings: SettingsDep) -> Response:
-    if request.method == "POST":
-        return await sign_in(request, settings)
-    if request.method == "DELETE":
-        return sign_out(request)
+async def other_methods() -> Response:
+    return json_response(b'{"detail":"Method Not Allowed"}', 405, headers={"allow": ALLOW})
+
+
+@router.get("/session", summary="Whether sign-in is needed, and whether this browser has a session")
+async def session_state(request: Request, settings: SettingsDep) -> Response:
     tokens = settings.read_token_list()
     signed_in = bool(tokens) and SessionCookies(tokens).check(request.scope["headers"]) is True
     body = {"required": bool(tokens), "signed_in": signed_in}
     return json_response(json.dumps(body).encode())
 
 
-async def sign_in(request: Request, settings: Settings) -> Response:
+@router.post(
+    "/session",
+    status_code=204,
+    summary="Sign in with a read token: sets the console's session cookie",
+    responses={
+        401: {"description": "Not one of READ_TOKENS"},
+        404: {"description": "READ_TOKENS is not set"},
+    },
+)
+async def sign_in(request: Request, settings: SettingsDep) -> Response:
     tokens = settings.read_token_list()
     if not tokens:
         return json_response(b'{"detail":"sign-in is off: READ_TOKENS is not set"}', 404)
     body = await request.body()
-    content_type = request.headers.get("content-type", "")
-    token = None if len(body) > TOKEN_MAX_BYTES else presented_token(body, content_type)
+    token = (
+        None
+        if len(body) > TOKEN_MAX_BYTES
+        else presented_token(body, request.headers.get("content-type", ""))
+    )
     if token is None or not token_matches(token, tokens):
         return json_response(b'{"detail":"invalid token"}', 401)
     ttl = settings.session_ttl_seconds
@@ -90,7 +95,8 @@ async def sign_in(request: Request, settings: Settings) -> Response:
     return response
 
 
-def sign_out(request: Request) -> Response:
+@router.delete("/session", status_code=204, summary="Sign out: clears the session cookie")
+async def sign_out(request: Request) -> Response:
     response = Response(status_code=204)
     response.delete_cookie(
         COOKIE,
