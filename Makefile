@@ -32,10 +32,12 @@ OPERATOR_PORT ?= 8001
 .PHONY: up down logs demo docker-smoke test test-fast lint soak run init-db bench bench-quick \
 	bench-console screenshots wrk clean up-postgres down-postgres drills lb-stats checkov
 
-# The Compose stack: a secret (exported, else .env, else a fresh one in .env), the image
-# built, the service started and waited for (bounded), then where to find it.
+# The Compose stack: a secret (exported, else .env, else a fresh one in .env), a check
+# that a port published beyond loopback does not serve open reads (scripts/check-exposure),
+# the image built, the service started and waited for (bounded), then where to find it.
 up:
 	@./scripts/ensure-env
+	@./scripts/with-env ./scripts/check-exposure
 	@# An exported but empty WEBHOOK_SECRET would override .env in compose: drop it.
 	@if [ -z "$${WEBHOOK_SECRET:-}" ]; then unset WEBHOOK_SECRET; fi; \
 	  echo "docker compose up -d --build"; docker compose up -d --build

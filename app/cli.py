@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return print_signature(args.file, "WHATSAPP_APP_SECRET", hub=True)
         return print_signature(args.file, "WEBHOOK_SECRET")
     try:
-        client = Client(args.url, timeout=args.timeout)
+        client = Client(args.url, timeout=args.timeout, read_token=first_read_token())
     except BadURL as exc:
         return fail(str(exc), EXIT_USAGE)
     secret = os.environ.get("WEBHOOK_SECRET", "")
@@ -127,6 +127,19 @@ _MISSING_KEY_HELP = (
     "WEBHOOK_SECRET is not set: export the secret the service verifies with "
     "(`make up` keeps a generated one in .env; `make demo` reads it from there)"
 )
+
+
+def first_read_token() -> str | None:
+    """The first of READ_TOKENS (or of READ_TOKENS_FILE's content), for reading /stats."""
+    tokens = os.environ.get("READ_TOKENS", "")
+    path = os.environ.get("READ_TOKENS_FILE", "")
+    if not tokens and path:
+        try:
+            with open(path, encoding="utf-8") as file:
+                tokens = file.read()
+        except (OSError, UnicodeDecodeError):
+            return None  # the service refuses such a file itself, and says why
+    return tokens.strip().split(",")[0] or None
 
 
 def fail(message: str, code: int) -> int:

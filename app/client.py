@@ -58,9 +58,13 @@ def check_base_url(url: str) -> str:
 class Client:
     """HTTP calls to one receiver. Every status is a Reply; only no answer at all raises."""
 
-    def __init__(self, base_url: str, *, timeout: float = 10.0) -> None:
+    def __init__(
+        self, base_url: str, *, timeout: float = 10.0, read_token: str | None = None
+    ) -> None:
         self.base_url = check_base_url(base_url)
         self.timeout = timeout
+        # Sent with reads (GET), for a service with READ_TOKENS set.
+        self.read_token = read_token
         # No proxy: the service is usually on loopback, and an http_proxy from the
         # environment would otherwise intercept it.
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -70,7 +74,9 @@ class Client:
         return self.request("POST", "/webhook", body=body, headers=headers)
 
     def get(self, path: str) -> Reply:
-        return self.request("GET", path)
+        if self.read_token is None:
+            return self.request("GET", path)
+        return self.request("GET", path, headers={"Authorization": f"Bearer {self.read_token}"})
 
     def request(
         self,
@@ -175,6 +181,12 @@ def run_demo(client: Client, secret: bytes, out: TextIO, now: datetime | None = 
     print(f"  GET  /stats    {'':<52} {stats.status}", file=out)
     if stats.status == 200:
         print(json.dumps(stats.json(), indent=2, ensure_ascii=False), file=out)
+    elif stats.status == 401:
+        print(
+            "The service requires a read token: export READ_TOKENS (or put it in .env) as the"
+            " service has it.",
+            file=out,
+        )
 
     all_ok = all(step.ok for step in steps) and stats.status == 200
     after = _total(stats)

@@ -8,12 +8,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.access import AccessPolicy
 from app.api import console, messages, pages, probes, session, whatsapp
 from app.api.deps import AppState
 from app.api.webhook import PATH, WebhookEndpoint, openapi_operation
@@ -56,12 +57,22 @@ class ReceiverApp(FastAPI):
     """
 
     def __init__(
-        self, *, settings: Settings, metrics: Metrics, recorder: RejectionRecorder, **kwargs: Any
+        self,
+        *,
+        settings: Settings,
+        metrics: Metrics,
+        recorder: RejectionRecorder,
+        policy: AccessPolicy,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.receiver_settings = settings
         self.metrics = metrics
         self.recorder = recorder
+        self.policy = policy
+        self.fixed_paths = {
+            path for path in (self.openapi_url, self.docs_url, self.redoc_url) if path
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -77,7 +88,24 @@ class ReceiverApp(FastAPI):
     def build_middleware_stack(self) -> ASGIApp:
         endpoint = WebhookEndpoint(self.receiver_settings, self.metrics, self.recorder)
         direct = DirectRoutes({PATH: endpoint})
-        return ObservabilityMiddleware(super().build_middleware_stack(), self.metrics, direct)
+        return ObservabilityMiddleware(
+            super().build_middleware_stack(),
+            self.metrics,
+            self.policy,
+            direct,
+            frozenset({PATH, *self.fixed_paths}),
+        )
+
+    def include_router(self, router: APIRouter, **kwargs: Any) -> None:
+        super().include_router(router, **kwargs)
+        # Noted for the metrics of refused requests, which no router sees (the paths are
+        # fixed: a template with parameters is not a path a request names).
+        prefix = kwargs.get("prefix", "")
+        self.fixed_paths.update(
+            prefix + path
+            for route in router.routes
+            if isinstance(path := getattr(route, "path", None), str) and "{" not in path
+        )
 
     def openapi(self) -> dict[str, Any]:
         if self.openapi_schema is None:
@@ -114,6 +142,8 @@ def create_app(
     configure_logging(settings.log_level)
     metrics = Metrics()
     recorder = RejectionRecorder(metrics, settings.rejections_kept)
+    policy = AccessPolicy.from_settings(settings)
+    warn_about_exposure(settings, policy)
     app_settings = settings
 
     @asynccontextmanager
@@ -143,6 +173,10 @@ def create_app(
         settings=settings,
         metrics=metrics,
         recorder=recorder,
+        policy=policy,
+        # /messages/ is a 404, not a redirect: Starlette builds the redirect's URL from the
+        # Host header, which would send clients wherever a forged header says.
+        redirect_slashes=False,
         title="Webhook receiver",
         version=VERSION,
         summary="Signed WhatsApp-style messages in, exactly once; list, search and count them.",
@@ -176,6 +210,18 @@ def create_app(
     app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, internal_error)
     return app
+
+
+def warn_about_exposure(settings: Settings, policy: AccessPolicy) -> None:
+    """One WARNING line per weakness that start-up lets through: open reads, short secrets."""
+    if policy.reads_open:
+        logger.warning(
+            "reads are open: READ_TOKENS is not set, so /messages, /stats and the API docs"
+            " answer anyone who reaches the port (see docs/security.md)",
+            extra={"setting": "READ_TOKENS"},
+        )
+    for variable, why in settings.weak_secrets():
+        logger.warning(f"{variable} is {why}", extra={"setting": variable})
 
 
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:

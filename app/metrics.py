@@ -56,6 +56,8 @@ WHATSAPP_RESULTS = (
 WHATSAPP_MESSAGE_RESULTS = ("created", "duplicate", "invalid")
 # Meta's status values; anything else (a new one, a malformed one) counts as "other".
 WHATSAPP_STATUSES = ("sent", "delivered", "read", "failed", "other")
+# Requests refused before any route saw them (app/access.py's results).
+REFUSAL_REASONS = ("invalid_host", "missing_token", "invalid_token")
 # The label for requests that matched no route: a scanner must not grow the label set.
 UNMATCHED_PATH = "unmatched"
 LATENCY_BUCKETS_MS = (0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
@@ -79,6 +81,7 @@ class _RequestCounts(Collector):
         self.keys = [0] * len(SIGNATURE_KEYS)
         self.rejections = dict.fromkeys(REJECTION_REASONS, 0)
         self.rejections_dropped = 0
+        self.refusals = dict.fromkeys(REFUSAL_REASONS, 0)
         # Per bucket, not cumulative: observing adds to one; the +Inf bucket is last.
         self.latency_counts = [0] * (len(LATENCY_BUCKETS_MS) + 1)
         self.latency_sum = 0.0
@@ -150,6 +153,14 @@ class _RequestCounts(Collector):
             "Rejections left out of the stored list: the queue was full, or the write failed.",
             value=self.rejections_dropped,
         )
+        refusals = CounterMetricFamily(
+            "access_refusals",
+            "Requests refused before routing: a Host not allowed, a missing or invalid token.",
+            labels=["reason"],
+        )
+        for reason, count in self.refusals.items():
+            refusals.add_metric([reason], count)
+        yield refusals
 
 
 class Metrics:
@@ -219,6 +230,9 @@ class Metrics:
 
     def rejections_dropped(self, count: int = 1) -> None:
         self._counts.rejections_dropped += count
+
+    def refusal(self, reason: str) -> None:
+        self._counts.refusals[reason] += 1
 
     def whatsapp(self, result: str) -> None:
         self.whatsapp_requests.labels(result=result).inc()
