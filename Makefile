@@ -30,7 +30,7 @@ REPLICAS ?= 3
 OPERATOR_PORT ?= 8001
 
 .PHONY: up down logs demo docker-smoke test test-fast lint soak run init-db bench bench-quick \
-	bench-feed wrk clean up-postgres down-postgres drills lb-stats checkov
+	bench-feed bench-console screenshots wrk clean up-postgres down-postgres drills lb-stats checkov
 
 # The Compose stack: a secret (exported, else .env, else a fresh one in .env), a check
 # that a port published beyond loopback does not serve open reads (scripts/check-exposure),
@@ -134,16 +134,23 @@ lb-stats:
 # Benchmarks (docs/performance.md, which also says how long each takes): this service
 # beside a naive reference and two raw-ASGI floors, then the service at a million rows,
 # then SQLite beside PostgreSQL with one and two API processes, then the feed (1,000
-# stream subscribers under a steady ingest; a poller catching up a million messages).
+# stream subscribers under a steady ingest; a poller catching up a million messages),
+# then the console at a million messages.
 BENCH_ARGS ?= --passes 3 --million --scale-out
 FEED_ARGS ?= --passes 3
 bench: $(STAMP) wrk
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 	$(BIN)/python -m bench.feed $(FEED_ARGS)
+	$(BIN)/python -m bench.console
 
 # The feed section alone (docs/feed.md).
 bench-feed: $(STAMP)
 	$(BIN)/python -m bench.feed $(FEED_ARGS)
+
+# The console at a million messages: /conversations, /stats/timeline, and the first render
+# of / in headless Chromium (docs/console.md).
+bench-console: $(STAMP) wrk
+	$(BIN)/python -m bench.console
 
 bench-quick: $(STAMP) wrk
 	$(BIN)/python -m bench.run --passes 1 --duration 3 --query-duration 2 --rows 20000
@@ -154,6 +161,10 @@ wrk:
 	  echo "installing wrk (Debian package)"; \
 	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -qq wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }; \
 	  else sudo apt-get install -y -qq wrk; fi; }
+
+# The console's screenshots in docs/images/, taken by its browser tests.
+screenshots: $(STAMP)
+	SCREENSHOTS_DIR=docs/images $(BIN)/pytest -q tests/test_console_browser.py -k screenshots
 
 init-db: $(STAMP)
 	DATABASE_URL=$${DATABASE_URL:-sqlite:///./data/app.db} ./scripts/with-env $(BIN)/python -m app init-db

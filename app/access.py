@@ -8,7 +8,8 @@ The rule, deny by default:
 
 - The Host header must name this service (ALLOWED_HOSTS), except on the probes, which
   orchestrators call by pod IP. Checked first: a DNS-rebinding page names its own host.
-- PUBLIC_PATHS need no credential: the senders' endpoints and the probes.
+- PUBLIC_PATHS need no credential: the senders' endpoints, the probes, and the console's
+  page, files and sign-in (its data comes from the API, which needs one).
 - /metrics takes METRICS_TOKEN or a read token.
 - Every other path, present or future, known or not, takes a read credential once
   READ_TOKENS is set (401 rather than 404 for unknown paths: it reveals nothing). With
@@ -26,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from app.config import Settings
+from app.session import SessionCookies
 
 RawHeader = tuple[bytes, bytes]
 # What a refused request is answered: status, body, headers, and the `result` its access
@@ -33,8 +35,11 @@ RawHeader = tuple[bytes, bytes]
 Refusal = tuple[int, bytes, list[RawHeader], str]
 
 PROBE_PATHS = frozenset({"/health/live", "/health/ready"})
-PUBLIC_PATHS = frozenset({"/webhook", "/webhook/whatsapp", *PROBE_PATHS})
-PUBLIC_PREFIXES: tuple[str, ...] = ()
+# The console's page shell, its files and its sign-in are public: the page asks for a
+# token itself, and /session is how a browser gets its cookie (app/session.py).
+CONSOLE_PATHS = frozenset({"/", "/session"})
+PUBLIC_PATHS = frozenset({"/webhook", "/webhook/whatsapp", *PROBE_PATHS, *CONSOLE_PATHS})
+PUBLIC_PREFIXES: tuple[str, ...] = ("/static/",)
 METRICS_PATH = "/metrics"
 
 REALM = b'Bearer realm="webhook-receiver"'
@@ -175,10 +180,12 @@ class AccessPolicy:
     def from_settings(cls, settings: Settings) -> AccessPolicy:
         read_tokens = settings.read_token_list()
         read = BearerTokens(read_tokens)
+        # The console's session cookie is a read credential too.
+        session = SessionCookies(read_tokens)
         metrics = BearerTokens((*settings.metrics_token_list(), *read_tokens))
         return cls(
             HostAllowlist(settings.allowed_host_names()),
-            [read] if read else [],
+            [read, session] if read else [],
             [metrics] if metrics else [],
         )
 

@@ -173,6 +173,11 @@ class Settings(DatabaseSettings):
     http_max_head_bytes: int = Field(default=65536, ge=4096, le=16 * 1024 * 1024)
     http_head_timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
     http_body_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    # The console (app/static/console) at `/`, and how many refused deliveries it keeps.
+    console_enabled: bool = True
+    rejections_kept: int = Field(default=10_000, ge=1, le=1_000_000)
+    # How long a console sign-in lasts (app/session.py).
+    session_ttl_seconds: int = Field(default=12 * 3600, ge=60, le=30 * 86400)
     # Read access (app/access.py, docs/security.md). Unset READ_TOKENS: reads are open.
     read_tokens: SecretStr | None = None
     metrics_token: SecretStr | None = None

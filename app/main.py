@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.access import AccessPolicy
-from app.api import feed, messages, probes, whatsapp
+from app.api import console, feed, messages, pages, probes, session, whatsapp
 from app.api.deps import AppState
 from app.api.webhook import PATH, WebhookEndpoint, openapi_operation
 from app.config import ConfigError, Settings, load_settings
@@ -23,6 +23,7 @@ from app.feed_hub import FeedHub
 from app.logging_utils import configure_logging, refuse_to_start
 from app.metrics import Metrics
 from app.middleware import DirectRoutes, ObservabilityMiddleware
+from app.rejections import RejectionRecorder
 from app.storage import MessageStore, open_store
 
 logger = logging.getLogger("app")
@@ -57,11 +58,18 @@ class ReceiverApp(FastAPI):
     """
 
     def __init__(
-        self, *, settings: Settings, metrics: Metrics, policy: AccessPolicy, **kwargs: Any
+        self,
+        *,
+        settings: Settings,
+        metrics: Metrics,
+        recorder: RejectionRecorder,
+        policy: AccessPolicy,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.receiver_settings = settings
         self.metrics = metrics
+        self.recorder = recorder
         self.policy = policy
         self.fixed_paths = {
             path for path in (self.openapi_url, self.docs_url, self.redoc_url) if path
@@ -79,7 +87,8 @@ class ReceiverApp(FastAPI):
         await self.middleware_stack(scope, receive, send)
 
     def build_middleware_stack(self) -> ASGIApp:
-        direct = DirectRoutes({PATH: WebhookEndpoint(self.receiver_settings, self.metrics)})
+        endpoint = WebhookEndpoint(self.receiver_settings, self.metrics, self.recorder)
+        direct = DirectRoutes({PATH: endpoint})
         return ObservabilityMiddleware(
             super().build_middleware_stack(),
             self.metrics,
@@ -133,6 +142,7 @@ def create_app(
             raise SystemExit(2) from None
     configure_logging(settings.log_level)
     metrics = Metrics()
+    recorder = RejectionRecorder(metrics, settings.rejections_kept)
     policy = AccessPolicy.from_settings(settings)
     warn_about_exposure(settings, policy)
     app_settings = settings
@@ -141,16 +151,24 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
         store = await store_opener(app_settings)
         hub = FeedHub(store)
+        recorder.start(store)
         settle_heap()
         logger.info(
             "ready to receive",
             extra={"database": app_settings.database.scheme, "version": VERSION},
         )
         try:
-            yield {"settings": app_settings, "store": store, "metrics": metrics, "feed": hub}
+            yield {
+                "settings": app_settings,
+                "store": store,
+                "metrics": metrics,
+                "feed": hub,
+                "recorder": recorder,
+            }
         finally:
             gc.unfreeze()
             await hub.close()
+            await recorder.stop(store)
             await store.close()
             logger.info("store closed")
 
@@ -158,6 +176,7 @@ def create_app(
     app = ReceiverApp(
         settings=settings,
         metrics=metrics,
+        recorder=recorder,
         policy=policy,
         # /messages/ is a 404, not a redirect: Starlette builds the redirect's URL from the
         # Host header, which would send clients wherever a forged header says.
@@ -166,13 +185,22 @@ def create_app(
         version=VERSION,
         summary="Signed WhatsApp-style messages in, exactly once; list, search and count them.",
         lifespan=lifespan,
-        docs_url="/docs" if docs else None,
-        redoc_url="/redoc" if docs else None,
+        # /docs and /redoc are app.api.pages' own: assets shipped with the service, no CDN.
+        docs_url=None,
+        redoc_url=None,
         openapi_url="/openapi.json" if docs else None,
     )
     app.include_router(messages.router)
     app.include_router(feed.router)
+    app.include_router(console.router)
     app.include_router(probes.router)
+    if settings.console_enabled:
+        app.include_router(pages.console_router)
+        app.include_router(session.router)
+    if docs:
+        app.include_router(pages.docs_router)
+    if settings.console_enabled or docs:
+        app.mount(pages.STATIC_PATH, pages.static_files(), name="static")
     if settings.whatsapp_enabled:
         app.include_router(whatsapp.router)
     elif settings.whatsapp_app_secret is not None or settings.whatsapp_verify_token is not None:

@@ -71,7 +71,9 @@ def test_with_read_tokens_there_is_no_open_reads_warning(
 # Locked
 
 
-@pytest.mark.parametrize("path", [*READ_PATHS, "/metrics", "/messages/", "/no-such-path", "/"])
+@pytest.mark.parametrize(
+    "path", [*READ_PATHS, "/metrics", "/messages/", "/no-such-path", "/static", "/sessions"]
+)
 def test_every_read_needs_a_token_once_read_tokens_is_set(locked: AppClient, path: str) -> None:
     response = locked.get(path, params={"limit": "100"})
     assert response.status_code == 401

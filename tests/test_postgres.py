@@ -235,8 +235,10 @@ async def test_schema_applies_once_when_replicas_start_together(
 
 
 def test_every_backend_ships_every_schema_version() -> None:
-    for backend in BACKENDS:
-        assert [version for version, _ in migrations(backend)] == list(range(1, SCHEMA_VERSION + 1))
+    # The same versions on every backend, every one from 1 up to SCHEMA_VERSION: an upgrade
+    # applies the versions above the database's, so a gap filled later would never run.
+    shipped = {backend: [version for version, _ in migrations(backend)] for backend in BACKENDS}
+    assert all(versions == list(range(1, SCHEMA_VERSION + 1)) for versions in shipped.values())
 
 
 async def test_ordering_is_code_point_order_under_any_database_locale(

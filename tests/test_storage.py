@@ -136,7 +136,7 @@ def test_schema_applies_idempotently(tmp_path: Path) -> None:
         versions = conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
         assert versions == [(version,) for version in range(1, SCHEMA_VERSION + 1)]
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
-    assert {"messages", "sender_counts", "message_totals", "messages_fts"} <= tables
+    assert {"messages", "sender_counts", "message_totals", "messages_fts", "rejections"} <= tables
 
 
 def test_split_statements_keeps_triggers_whole() -> None:

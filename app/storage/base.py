@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from app.models import FeedQuery, ListQuery, Message, MessagePage, Stats
 from app.storage.feed import FeedBatch, FeedSignal
+from app.models import ListQuery, Message, MessagePage, Stats
+from app.records import ConversationPage, Refusal, RejectionPage, StoredContent, TimelineRange
 
 
 class StorageUnavailable(Exception):
@@ -32,6 +35,25 @@ class MessageStore(Protocol):
     @property
     def feed_signal(self) -> FeedSignal:
         """Notified on the event loop whenever rows may have become readable."""
+    async def conversations(self, limit: int, after: tuple[str, str] | None) -> ConversationPage:
+        """Senders, most recent last message first; `after` is the previous page's last
+        (last ts_key, last message_id)."""
+        ...
+
+    async def timeline(self, span: TimelineRange) -> dict[str, int]:
+        """Messages per bucket of `span` that has any, keyed like span.key()."""
+        ...
+
+    async def rejections(self, limit: int, before: int | None) -> RejectionPage:
+        """Refused deliveries, newest first, with ids below `before` if given."""
+        ...
+
+    async def record_rejections(self, refusals: Sequence[Refusal], keep: int) -> None:
+        """Append refusals, keeping only the newest `keep` rows."""
+        ...
+
+    async def stored_contents(self, ids: Sequence[str]) -> dict[str, StoredContent]:
+        """(from, to, ts_key, text) of the stored messages among `ids`, by id."""
         ...
 
     async def ping(self) -> None:

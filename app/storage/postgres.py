@@ -29,6 +29,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import asyncpg
 
 from app.models import FeedQuery, ListQuery, Message, MessagePage, SenderCount, Stats
+from app.models import ListQuery, Message, MessagePage, SenderCount, Stats
+from app.records import ConversationPage, Refusal, RejectionPage, StoredContent, TimelineRange
+from app.storage import postgres_console as console
 from app.storage.base import StorageUnavailable
 from app.storage.feed import FeedBatch, FeedSignal
 from app.storage.migrations import SCHEMA_VERSION, apply_postgres_schema
@@ -246,6 +249,31 @@ class PostgresStore:
             messages_per_sender=[SenderCount(from_=sender, count=count) for sender, count in top],
             first_message_ts=record["first_ts"],
             last_message_ts=record["last_ts"],
+        )
+
+    async def conversations(self, limit: int, after: tuple[str, str] | None) -> ConversationPage:
+        return await self._with_connection(
+            lambda conn: console.conversations_page(conn, limit, after), self._read_timeout
+        )
+
+    async def timeline(self, span: TimelineRange) -> dict[str, int]:
+        return await self._with_connection(
+            lambda conn: console.timeline_counts(conn, span), self._read_timeout
+        )
+
+    async def rejections(self, limit: int, before: int | None) -> RejectionPage:
+        return await self._with_connection(
+            lambda conn: console.rejections_page(conn, limit, before), self._read_timeout
+        )
+
+    async def record_rejections(self, refusals: Sequence[Refusal], keep: int) -> None:
+        await self._with_connection(
+            lambda conn: console.write_rejections(conn, refusals, keep), self._write_timeout
+        )
+
+    async def stored_contents(self, ids: Sequence[str]) -> dict[str, StoredContent]:
+        return await self._with_connection(
+            lambda conn: console.stored_contents(conn, ids), self._read_timeout
         )
 
     async def ping(self) -> None:

@@ -85,8 +85,12 @@ def list_statement(query: ListQuery) -> tuple[str, list[Any]]:
 
     if query.sender is not None:
         clauses.append(f"from_msisdn = {arg(query.sender)}")
+    if query.recipient is not None:
+        clauses.append(f"to_msisdn = {arg(query.recipient)}")
     if query.since_key is not None:
         clauses.append(f"ts_key >= {arg(query.since_key)}")
+    if query.until_key is not None:
+        clauses.append(f"ts_key < {arg(query.until_key)}")
     if query.q:
         # The folded column is compared with the folded term, so LIKE's case-sensitivity
         # is what we want; the trigram index serves it when pg_trgm is installed.
@@ -95,14 +99,16 @@ def list_statement(query: ListQuery) -> tuple[str, list[Any]]:
     page_clauses = list(clauses)
     if query.after is not None:
         ts_key, message_id = query.after
-        page_clauses.append(f"(ts_key, message_id) > ({arg(ts_key)}, {arg(message_id)})")
+        after = "<" if query.descending else ">"
+        page_clauses.append(f"(ts_key, message_id) {after} ({arg(ts_key)}, {arg(message_id)})")
     where = f" WHERE {' AND '.join(page_clauses)}" if page_clauses else ""
     limit, offset = arg(query.limit + 1), arg(query.offset)
+    desc = " DESC" if query.descending else ""
     sql = (
         f"SELECT counted.total, {', '.join('page.' + c for c in _COLUMNS.split(', '))}"
         f" FROM (SELECT {total} AS total) AS counted LEFT JOIN LATERAL ("
         f"SELECT {_COLUMNS} FROM messages{where}"
-        f" ORDER BY ts_key, message_id LIMIT {limit} OFFSET {offset}"
-        ") AS page ON true ORDER BY page.ts_key, page.message_id"
+        f" ORDER BY ts_key{desc}, message_id{desc} LIMIT {limit} OFFSET {offset}"
+        f") AS page ON true ORDER BY page.ts_key{desc}, page.message_id{desc}"
     )
     return sql, args

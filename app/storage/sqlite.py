@@ -21,6 +21,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from app.models import FeedQuery, ListQuery, Message, MessagePage, Stats
+from app.models import ListQuery, Message, MessagePage, Stats
+from app.records import (
+    KEY_LENGTH,
+    ConversationPage,
+    Refusal,
+    RejectionPage,
+    StoredContent,
+    TimelineRange,
+)
 from app.storage.base import StorageUnavailable
 from app.storage.feed import FeedBatch, FeedSignal
 from app.storage.migrations import apply_sqlite_schema
@@ -33,6 +42,13 @@ from app.storage.sqlite_connection import (
     rollback,
 )
 from app.storage.sqlite_feed import read_feed
+from app.storage.sqlite_console import (
+    conversations_page,
+    rejections_page,
+    stored_contents,
+    timeline_counts,
+    write_rejections,
+)
 from app.storage.sqlite_reads import check_schema, list_page, probe_write, read_stats
 from app.storage.sqlite_writer import SEARCH_BATCH, STOP, Call, Insert, Writer
 
@@ -162,6 +178,23 @@ class SQLiteStore:
     def _committed(self, position: int) -> None:
         self._committed_position = max(self._committed_position, position)
         self.feed_signal.notify()
+    async def conversations(self, limit: int, after: tuple[str, str] | None) -> ConversationPage:
+        return await self._read(lambda conn: conversations_page(conn, limit, after))
+
+    async def timeline(self, span: TimelineRange) -> dict[str, int]:
+        key_length = KEY_LENGTH[span.bucket]
+        return await self._read(
+            lambda conn: timeline_counts(conn, span.start_hour, span.end_hour, key_length)
+        )
+
+    async def rejections(self, limit: int, before: int | None) -> RejectionPage:
+        return await self._read(lambda conn: rejections_page(conn, limit, before))
+
+    async def record_rejections(self, refusals: Sequence[Refusal], keep: int) -> None:
+        await self._write_call(lambda conn: write_rejections(conn, refusals, keep))
+
+    async def stored_contents(self, ids: Sequence[str]) -> dict[str, StoredContent]:
+        return await self._read(lambda conn: stored_contents(conn, ids))
 
     async def ping(self) -> None:
         def check(conn: sqlite3.Connection) -> None:
