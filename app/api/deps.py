@@ -56,6 +56,8 @@ async def get_metrics(request: Request) -> Metrics:
 async def get_feed_hub(request: Request) -> FeedHub:
     hub: FeedHub = request.state.feed
     return hub
+
+
 async def get_recorder(request: Request) -> RejectionRecorder:
     recorder: RejectionRecorder = request.state.recorder
     return recorder

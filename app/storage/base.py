@@ -6,9 +6,8 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from app.models import FeedQuery, ListQuery, Message, MessagePage, Stats
-from app.storage.feed import FeedBatch, FeedSignal
-from app.models import ListQuery, Message, MessagePage, Stats
 from app.records import ConversationPage, Refusal, RejectionPage, StoredContent, TimelineRange
+from app.storage.feed import FeedBatch, FeedSignal
 
 
 class StorageUnavailable(Exception):
@@ -35,6 +34,7 @@ class MessageStore(Protocol):
     @property
     def feed_signal(self) -> FeedSignal:
         """Notified on the event loop whenever rows may have become readable."""
+
     async def conversations(self, limit: int, after: tuple[str, str] | None) -> ConversationPage:
         """Senders, most recent last message first; `after` is the previous page's last
         (last ts_key, last message_id)."""

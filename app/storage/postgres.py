@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import asyncpg
 
 from app.models import FeedQuery, ListQuery, Message, MessagePage, SenderCount, Stats
-from app.models import ListQuery, Message, MessagePage, SenderCount, Stats
 from app.records import ConversationPage, Refusal, RejectionPage, StoredContent, TimelineRange
 from app.storage import postgres_console as console
 from app.storage.base import StorageUnavailable

@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from app.models import FeedQuery, ListQuery, Message, MessagePage, Stats
-from app.models import ListQuery, Message, MessagePage, Stats
 from app.records import (
     KEY_LENGTH,
     ConversationPage,
@@ -41,7 +40,6 @@ from app.storage.sqlite_connection import (
     ensure_parent,
     rollback,
 )
-from app.storage.sqlite_feed import read_feed
 from app.storage.sqlite_console import (
     conversations_page,
     rejections_page,
@@ -49,6 +47,7 @@ from app.storage.sqlite_console import (
     timeline_counts,
     write_rejections,
 )
+from app.storage.sqlite_feed import read_feed
 from app.storage.sqlite_reads import check_schema, list_page, probe_write, read_stats
 from app.storage.sqlite_writer import SEARCH_BATCH, STOP, Call, Insert, Writer
 
@@ -178,6 +177,7 @@ class SQLiteStore:
     def _committed(self, position: int) -> None:
         self._committed_position = max(self._committed_position, position)
         self.feed_signal.notify()
+
     async def conversations(self, limit: int, after: tuple[str, str] | None) -> ConversationPage:
         return await self._read(lambda conn: conversations_page(conn, limit, after))
 

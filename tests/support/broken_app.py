@@ -21,7 +21,6 @@ from fastapi import FastAPI
 import app.main
 from app.config import Settings
 from app.models import FeedQuery, ListQuery, Message, MessagePage, Stats
-from app.models import ListQuery, Message, MessagePage, Stats
 from app.records import (
     ConversationPage,
     Refusal,
@@ -56,6 +55,7 @@ class DelegatingStore:
     @property
     def feed_signal(self) -> FeedSignal:
         return self.store.feed_signal
+
     async def conversations(self, limit: int, after: tuple[str, str] | None) -> ConversationPage:
         return await self.store.conversations(limit, after)
 
