@@ -121,9 +121,12 @@ export function applyArrivals(messages) {
 // arrival that asked for it is counted in it (it was stored before the read began); one
 // that came while it was read is counted unless it is that newest message.
 async function lookUp(from) {
-  let page;
+  let page = null;
   try {
     page = await getJSON("messages", { from, order: "desc", limit: 1 });
+  } catch (error) {
+    // Its row shows after a reload, or when the list pages down to it.
+    console.warn("could not read a sender's conversation:", error.message);
   } finally {
     const waiting = state.lookups.get(from);
     state.lookups.delete(from);
