@@ -175,6 +175,10 @@ class FeedHub:
         self._ring: deque[tuple[int, list[Event], int]] = deque()
         self._ring_size = 0
         self._closed = False
+        # For the metrics: open streams (catching up or following the tail), and
+        # subscribers dropped for falling too far behind since start-up.
+        self.streams = 0
+        self.dropped_slow = 0
 
     @property
     def subscribers(self) -> int:
@@ -221,7 +225,7 @@ class FeedHub:
         self._subscribers.add(subscriber)
         if backlog and not subscriber.push(b"".join(event[2] for event in backlog)):
             self.leave(subscriber)
-            subscriber.drop()
+            self._too_slow(subscriber)
         return True
 
     def leave(self, subscriber: Subscriber) -> None:
@@ -229,8 +233,9 @@ class FeedHub:
 
     async def stream(self, subscriber: Subscriber) -> AsyncGenerator[bytes]:
         """The stream's body: the preamble, the catch-up pages, then the live tail."""
-        yield PREAMBLE
+        self.streams += 1
         try:
+            yield PREAMBLE
             settled: int | None = None
             while not self.try_join(subscriber, settled):
                 query = FeedQuery(
@@ -251,6 +256,7 @@ class FeedHub:
                 for piece in _pieces(chunk):
                     yield piece
         finally:
+            self.streams -= 1
             self.leave(subscriber)
 
     async def close(self) -> None:
@@ -314,6 +320,14 @@ class FeedHub:
             if len(batch.rows) < self.page_size or not self._subscribers:
                 return batch
 
+    def _too_slow(self, subscriber: Subscriber) -> None:
+        self.dropped_slow += 1
+        logger.warning(
+            "feed subscriber too slow; disconnected",
+            extra={"position": subscriber.after, "buffer_bytes": subscriber.limit},
+        )
+        subscriber.drop()
+
     def _publish(self, batch: FeedBatch) -> None:
         rows = batch.rows
         before = self._tail
@@ -345,11 +359,7 @@ class FeedHub:
             subscriber.after = last
             if chunk and not subscriber.push(chunk):
                 self._subscribers.discard(subscriber)
-                logger.warning(
-                    "feed subscriber too slow; disconnected",
-                    extra={"position": subscriber.after, "buffer_bytes": subscriber.limit},
-                )
-                subscriber.drop()
+                self._too_slow(subscriber)
         self._ring.append((before, events, len(whole)))
         self._ring_size += len(whole)
         while self._ring_size > self._ring_bytes and len(self._ring) > 1:

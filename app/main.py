@@ -151,6 +151,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
         store = await store_opener(app_settings)
         hub = FeedHub(store)
+        metrics.follow_feed(hub)
         recorder.start(store)
         settle_heap()
         logger.info(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from bisect import bisect_left
 from collections.abc import Iterator
+from typing import Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -16,7 +17,12 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -163,6 +169,38 @@ class _RequestCounts(Collector):
         yield refusals
 
 
+class FeedCounts(Protocol):
+    """What the feed's fan-out (app/feed_hub.py) counts, read on each scrape."""
+
+    @property
+    def streams(self) -> int: ...
+
+    @property
+    def dropped_slow(self) -> int: ...
+
+
+class _FeedCollector(Collector):
+    """The feed's stream subscribers, read from the process's hub on each scrape (0 until
+    the hub exists: the families are there from start-up)."""
+
+    def __init__(self) -> None:
+        self.hub: FeedCounts | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        hub = self.hub
+        yield GaugeMetricFamily(
+            "feed_subscribers",
+            "Open GET /feed/stream streams, catching up or following the live tail.",
+            value=hub.streams if hub is not None else 0,
+        )
+        yield CounterMetricFamily(
+            "feed_subscribers_dropped",
+            "Streams ended because their client fell too far behind (4 MiB); they resume"
+            " from their last id.",
+            value=hub.dropped_slow if hub is not None else 0,
+        )
+
+
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
@@ -172,6 +210,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._counts = _RequestCounts()
         self.registry.register(self._counts)
+        self._feed = _FeedCollector()
+        self.registry.register(self._feed)
         # Memory, CPU, open files, the interpreter's collections and version: read from
         # /proc and gc on each scrape, nothing on the request path.
         ProcessCollector(registry=self.registry)
@@ -202,6 +242,10 @@ class Metrics:
             self.whatsapp_messages.labels(result=result)
         for status in WHATSAPP_STATUSES:
             self.whatsapp_statuses.labels(status=status)
+
+    def follow_feed(self, hub: FeedCounts) -> None:
+        """Report this hub's subscribers from now on (the lifespan creates it)."""
+        self._feed.hub = hub
 
     def observe_request(self, path: str, method: str, status: int, latency_ms: float) -> None:
         counts = self._counts

@@ -204,6 +204,13 @@ class FeedPage(BaseModel):
     )
 
 
+class FeedHead(BaseModel):
+    position: int = Field(
+        description="The highest position readable now (0 when none): pass it as `after` to"
+        " follow only what arrives from here on, missing nothing"
+    )
+
+
 class FeedQuery(BaseModel):
     """A validated feed read: messages with position > after, in position order."""
 

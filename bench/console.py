@@ -8,7 +8,10 @@ served by the service; then:
 - the first render of `/` in a fresh headless Chromium per pass (an empty cache, as a
   first visit): Navigation Timing's response end, DOMContentLoaded and load, the first
   contentful paint, and the moment the conversation list is drawn (a performance mark
-  the page sets), medians over the passes.
+  the page sets), medians over the passes;
+- live arrivals: messages posted one at a time to the running page (following the feed's
+  stream), each timed from the start of its POST to its row showing in the list, median
+  and the slowest.
 
     python -m bench.console [--rows 1000000] [--passes 5]
 """
@@ -24,9 +27,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+from app.signature import sign
 from bench.dataset import prefill_service
-from bench.run import VARIANTS, fmt, serve, server_time_ms, settled_log_size, wrk
+from bench.run import SECRET, VARIANTS, fmt, serve, server_time_ms, settled_log_size, wrk
 from tests.support.browser import chromium, why_unavailable
+
+KEY = SECRET.encode()
 
 # Navigation Timing and the page's own mark, in ms since the navigation started.
 TIMINGS_SCRIPT = """
@@ -67,6 +73,62 @@ def first_render(url: str) -> dict[str, float]:
         return timings
 
 
+# Records when each message's row first shows in the list, in ms since the epoch.
+WATCH_SCRIPT = """
+window.__shown = {};
+new MutationObserver(() => {
+  const at = performance.timeOrigin + performance.now();
+  for (const li of document.querySelectorAll('#conversations li')) {
+    if (!(li.dataset.last in window.__shown)) window.__shown[li.dataset.last] = at;
+  }
+}).observe(document.getElementById('conversations'), {childList: true, subtree: true});
+"""
+ARRIVALS = 30
+
+
+def arrival_latencies(url: str) -> list[float]:
+    """ms from the start of each POST to its row in the list, for ARRIVALS messages."""
+    latencies = []
+    with chromium() as driver:
+        driver.get(url + "/")
+        deadline = time.monotonic() + 30
+        while driver.execute_script("return document.getElementById('live').dataset.state") != (
+            "live"
+        ):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the page did not follow the stream within 30 s")
+            time.sleep(0.02)
+        driver.execute_script(WATCH_SCRIPT)
+        for index in range(ARRIVALS):
+            message_id = f"bench-live-{index}"
+            body = json.dumps(
+                {
+                    "message_id": message_id,
+                    "from": f"+1555000{index % 5:04d}",
+                    "to": "+14155550100",
+                    "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "text": "a live arrival",
+                }
+            ).encode()
+            started = time.time() * 1000
+            signed = urllib.request.Request(  # noqa: S310
+                url + "/webhook",
+                data=body,
+                headers={"Content-Type": "application/json", "X-Signature": sign(body, KEY)},
+            )
+            with urllib.request.urlopen(signed, timeout=30):  # noqa: S310
+                pass
+            shown = None
+            while shown is None:
+                if time.monotonic() > deadline + 60:
+                    raise RuntimeError(f"{message_id} did not show within a minute")
+                shown = driver.execute_script("return window.__shown[arguments[0]]", message_id)
+                time.sleep(0.005)
+            latencies.append(float(shown) - started)
+            time.sleep(0.25)  # a pause, so each arrives alone
+    return latencies
+
+
 def cursor_of(url: str) -> str:
     with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310
         cursor: str = json.loads(response.read())["next_cursor"]
@@ -84,6 +146,7 @@ def run(args: argparse.Namespace, workdir: Path) -> list[str]:
     )
     server_ms: dict[str, list[float]] = {}
     renders: list[dict[str, float]] = []
+    arrivals: list[float] = []
     with serve(VARIANTS["service"], workdir, db) as server:
         deep = cursor_of(server.url + "/conversations?limit=50")
         for _ in range(20):  # a deep cursor: page 21 of 200
@@ -123,6 +186,7 @@ def run(args: argparse.Namespace, workdir: Path) -> list[str]:
         if reason is None:
             for _ in range(args.passes):
                 renders.append(first_render(server.url + "/"))
+            arrivals = arrival_latencies(server.url)
         else:
             lines.append(f"first render: skipped ({reason})")
         size = page_weight(server.url)
@@ -136,18 +200,24 @@ def run(args: argparse.Namespace, workdir: Path) -> list[str]:
         for key, label in RENDER_LABELS.items():
             values = [r[key] for r in renders if r.get(key) is not None]
             lines.append(f"{label:<40}{fmt(statistics.median(values), 1) if values else '-':>10}")
+    if arrivals:
+        median = fmt(statistics.median(arrivals), 1)
+        lines.append(
+            f"{'live arrival, POST to its row (median)':<40}{median:>10}"
+            f"  of {ARRIVALS}, slowest {fmt(max(arrivals), 1)}"
+        )
     lines.append(f"page weight (HTML + CSS + JS, uncompressed): {size / 1024:.1f} KB")
     return lines
+
+
+CONSOLE_FILES = Path(__file__).resolve().parents[1] / "app" / "static" / "console"
 
 
 def page_weight(base: str) -> int:
     """The console's own files, as a browser fetches them on a first visit."""
     total = 0
     names = ["/", "/static/console/console.css", "/static/console/favicon.svg"]
-    names += [
-        f"/static/console/{module}.js"
-        for module in ("console", "api", "dom", "inbox", "search", "overview", "refused")
-    ]
+    names += [f"/static/console/{module.name}" for module in sorted(CONSOLE_FILES.glob("*.js"))]
     for name in names:
         with urllib.request.urlopen(base + name, timeout=30) as response:  # noqa: S310
             total += len(response.read())

@@ -13,25 +13,30 @@ import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 
-from app.signature import sign
 from tests.support.browser import (
     DESKTOP,
     PHONE,
     chromium,
     console_errors,
+    count,
     emulate,
+    live_state,
+    post,
+    post_signed,
+    requests_to,
     run_axe,
     screenshot,
+    texts,
+    wait_for,
     why_unavailable,
 )
-from tests.support.clients import SECRET, message
+from tests.support.clients import message
 from tests.support.console_data import (
     CUSTOMER,
     HOSTILE_SENDER,
@@ -48,9 +53,6 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(why_unavailable() is not None, reason=str(why_unavailable())),
 ]
-
-T = TypeVar("T")
-WAIT_SECONDS = 15.0
 
 
 @pytest.fixture(scope="module")
@@ -77,47 +79,6 @@ def page(browser: Any, server: Server) -> Iterator[Any]:
     browser.get_log("browser")  # what an earlier test left behind
     yield browser
     assert console_errors(browser) == []
-
-
-def wait_for(condition: Callable[[], T], timeout: float = WAIT_SECONDS) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = condition()
-        except (StaleElementReferenceException, NoSuchElementException):
-            value = None  # the page is being replaced (a reload): look again
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("the page did not get there in time")
-        time.sleep(0.1)
-
-
-def count(driver: Any, selector: str) -> int:
-    return int(driver.execute_script(f"return document.querySelectorAll({selector!r}).length"))
-
-
-def texts(driver: Any, selector: str) -> list[str]:
-    found: list[str] = driver.execute_script(
-        f"return [...document.querySelectorAll({selector!r})].map(e => e.textContent)"
-    )
-    return found
-
-
-def post(server: Server, path: str, raw: bytes, headers: dict[str, str]) -> int:
-    url = server.base_url + path
-    request = urllib.request.Request(url, data=raw, headers=headers)  # noqa: S310
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
-            return int(response.status)
-    except urllib.error.HTTPError as error:
-        return int(error.code)
-
-
-def post_signed(server: Server, body: dict[str, Any]) -> int:
-    raw = json.dumps(body).encode()
-    headers = {"Content-Type": "application/json", "X-Signature": sign(raw, SECRET.encode())}
-    return post(server, "/webhook", raw, headers)
 
 
 def go(driver: Any, view: str) -> None:
@@ -149,6 +110,8 @@ def test_the_page_shows_the_seeded_store_under_a_strict_policy(page: Any, server
 
 def test_a_signed_message_appears_live_and_reorders_the_list(page: Any, server: Server) -> None:
     open_conversation(page, CUSTOMER)
+    wait_for(lambda: live_state(page) == "live")
+    reads_before = requests_to(page, "stats", "conversations", "messages")
     body = message(
         message_id="live-1", ts="2025-06-13T08:00:00Z", text="Arriving now", **{"from": CUSTOMER}
     )
@@ -156,6 +119,9 @@ def test_a_signed_message_appears_live_and_reorders_the_list(page: Any, server: 
     assert post_signed(server, body) == 200
     # The open thread gets the bubble at the bottom, without a reload.
     wait_for(lambda: texts(page, "#thread .bubble .text")[-1:] == ["Arriving now"], 5)
+    assert page.find_element("id", "thread-meta").text == "7 messages"
+    # Through the feed's stream: nothing was read again (no /stats, no list, no thread).
+    assert requests_to(page, "stats", "conversations", "messages") == reads_before
     assert post_signed(server, newcomer) == 200
     first = "#conversations li:first-child"
     wait_for(
@@ -165,8 +131,9 @@ def test_a_signed_message_appears_live_and_reorders_the_list(page: Any, server: 
         ),
         5,
     )
+    assert requests_to(page, "stats", "conversations") == reads_before[:2]
     # The rate counter counts what arrived over the last minute.
-    wait_for(lambda: page.find_element("id", "rate").text not in ("", "0"), 5)
+    wait_for(lambda: page.find_element("id", "rate").text == "2", 5)
 
 
 def test_search_highlights_matches_and_pages_by_cursor(page: Any) -> None:

@@ -36,6 +36,10 @@ JUSTIFIED_SKIPS = {"CKV_K8S_43"}
 MAX_BODY_BYTES = 65536
 WHATSAPP_MAX_BODY_BYTES = 3 * 1024 * 1024
 DRAIN_SECONDS = 20
+# The feed's stream sends a keep-alive comment this often, and a long poll waits at most
+# this long (app/api/feed.py: KEEPALIVE_SECONDS, WAIT_MAX_SECONDS).
+FEED_KEEPALIVE_SECONDS = 15
+FEED_WAIT_MAX_SECONDS = 8
 # PostgreSQL's default max_connections, less room for migrations and an operator's psql.
 CONNECTION_BUDGET = 100 - 10
 
@@ -296,3 +300,52 @@ def test_the_balancer_exposes_public_paths_with_the_services_limits() -> None:
     bufsize = int(re.findall(r"tune\.bufsize (\d+)", config)[0])
     assert "option http-buffer-request" in config
     assert bufsize > MAX_BODY_BYTES + 16 * 1024
+
+
+def haproxy_section(config: str, name: str) -> str:
+    match = re.search(rf"^{name}\n(.*?)(?=^\S|\Z)", config, re.MULTILINE | re.DOTALL)
+    assert match, name
+    return match.group(1)
+
+
+def test_the_feeds_long_reads_get_a_longer_server_timeout_than_the_rest() -> None:
+    config = HAPROXY_CFG.read_text("utf-8")
+    (default,) = re.findall(
+        r"^\s*timeout server (\d+)s$", haproxy_section(config, "defaults"), re.M
+    )
+    services = compose_services()
+    write_timeout = services["api"]["environment"]["WRITE_TIMEOUT_SECONDS"]
+    deadline = float(re.sub(r"\$\{WRITE_TIMEOUT_SECONDS:-(.+)\}", r"\1", write_timeout))
+    # Short elsewhere: it only cuts off a replica that stopped answering.
+    assert deadline < int(default) < FEED_KEEPALIVE_SECONDS
+    backend = haproxy_section(config, "backend api")
+    assert "acl feed_stream path /feed/stream\n" in backend
+    assert "acl long_poll path /feed\n" in backend
+    assert "acl waits url_param(wait) -m found\n" in backend
+    (longer,) = re.findall(
+        r"^\s*http-request set-timeout server (\d+)s if feed_stream \|\| long_poll waits$",
+        backend,
+        re.M,
+    )
+    # A quiet stream outlives several keep-alives; a long poll, its wait and a last read.
+    assert int(longer) >= 3 * FEED_KEEPALIVE_SECONDS
+    assert int(longer) > FEED_WAIT_MAX_SECONDS + deadline
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="Debian's haproxy is not installed")
+def test_haproxy_accepts_the_configuration() -> None:
+    # The version the Compose stack runs (2.6: the official image and the Debian stand-in).
+    version = subprocess.run(
+        ["haproxy", "-v"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
+    if not re.search(r"version 2\.6\.", version):
+        pytest.skip(f"this haproxy is not 2.6: {version.splitlines()[0]}")
+    checked = subprocess.run(
+        ["haproxy", "-c", "-f", str(HAPROXY_CFG)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+        env={**os.environ, "LB_CONN_PER_CLIENT": "100"},
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr

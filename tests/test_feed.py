@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -81,6 +83,41 @@ def test_next_after_of_an_empty_page_is_after(client: AppClient) -> None:
     assert feed(client, f"?after={position}") == {"data": [], "next_after": position}
 
 
+def head(client: AppClient) -> int:
+    response = client.get("/feed/head")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {"position"}
+    position: int = body["position"]
+    return position
+
+
+def test_the_head_is_where_a_consumer_that_read_everything_stands(client: AppClient) -> None:
+    assert head(client) == 0
+    for i in range(5):
+        post(client, f"m{i}", ts=f"202{5 - i}-01-15T10:00:00Z")  # ts order is not feed order
+    items = follow(client)
+    assert head(client) == items[-1]["position"]
+    # Following from the head: nothing now, then only what arrives next.
+    assert feed(client, f"?after={head(client)}") == {"data": [], "next_after": head(client)}
+    start = head(client)
+    post(client, "next")
+    assert [item["message_id"] for item in feed(client, f"?after={start}")["data"]] == ["next"]
+
+
+def test_the_head_is_503_when_the_database_cannot_answer(
+    make_client: MakeClient, db_path: Path
+) -> None:
+    client = make_client(database_url=f"sqlite:///{db_path}")
+    post(client, "m1")
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("ALTER TABLE messages RENAME TO messages_gone")
+    response = client.get("/feed/head")
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert response.json() == {"detail": "storage unavailable, retry later"}
+
+
 def test_limit_pages_and_defaults_to_100(client: AppClient) -> None:
     for i in range(105):
         post(client, f"m{i:03d}")
@@ -152,7 +189,9 @@ def test_the_stream_refuses_a_bad_last_event_id(client: AppClient) -> None:
 
 def test_the_feed_is_in_the_openapi_document(client: AppClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/feed", "/feed/stream"} <= set(paths)
+    assert {"/feed", "/feed/head", "/feed/stream"} <= set(paths)
+    head_schema = paths["/feed/head"]["get"]["responses"]["200"]["content"]["application/json"]
+    assert head_schema["schema"] == {"$ref": "#/components/schemas/FeedHead"}
 
 
 READ = "feed-read-token-0123456789"
@@ -160,7 +199,7 @@ READ = "feed-read-token-0123456789"
 
 def test_the_feed_follows_the_read_access_rule(make_client: MakeClient) -> None:
     client = make_client(read_tokens=READ)
-    for path in ("/feed", "/feed?after=0&limit=10", "/feed/stream"):
+    for path in ("/feed", "/feed?after=0&limit=10", "/feed/head", "/feed/stream"):
         assert client.get(path).status_code == 401
     post(client, "m1")  # the senders' path stays open
     response = client.get("/feed", headers={"Authorization": f"Bearer {READ}"})

@@ -20,6 +20,7 @@ from tests.support.feed import (
     Poller,
     drain_until_closed,
     last_position,
+    metric,
     stalled_stream,
     write_concurrently,
 )
@@ -131,6 +132,28 @@ def test_a_stream_resumes_after_last_event_id_without_gap_or_repeat(tmp_path: Pa
 
 
 @pytest.mark.postgres
+def test_the_subscribers_gauge_follows_open_streams(tmp_path: Path) -> None:
+    with running_server(tmp_path, command=SERVE) as server:
+        assert metric(server.base_url, "feed_subscribers") == 0
+        write_concurrently([server.base_url], 1, writers=1, prefix="a")
+        streams = [EventStream(server.base_url) for _ in range(3)]
+        for stream in streams:
+            stream.messages(1)  # catching up or live: open either way
+        assert metric(server.base_url, "feed_subscribers") == 3
+        streams[0].close()
+        deadline = time.monotonic() + 10
+        while metric(server.base_url, "feed_subscribers") != 2:
+            assert time.monotonic() < deadline, "a closed stream is still counted"
+            time.sleep(0.05)
+        for stream in streams[1:]:
+            stream.close()
+        while metric(server.base_url, "feed_subscribers") != 0:
+            assert time.monotonic() < deadline, "closed streams are still counted"
+            time.sleep(0.05)
+        assert metric(server.base_url, "feed_subscribers_dropped_total") == 0
+
+
+@pytest.mark.postgres
 def test_a_stream_on_one_replica_sees_messages_posted_to_the_other(
     tmp_path: Path, postgres: PostgresCluster
 ) -> None:
@@ -177,6 +200,7 @@ def test_stalled_streams_are_dropped_and_memory_stays_flat(
             time.sleep(0.5)
             rss.append(rss_mb(server))
         closed = [drain_until_closed(stream) for stream in streams]
+        dropped = metric(server.base_url, "feed_subscribers_dropped_total")
         for stream in streams:
             stream.close()
         log = server.log_path.read_text(encoding="utf-8")
@@ -184,9 +208,11 @@ def test_stalled_streams_are_dropped_and_memory_stays_flat(
     if bounded:
         assert closed == [True, True, True]
         assert log.count("feed subscriber too slow") == 3
+        assert dropped == 3
         assert growth < 10, rss
     else:
         assert closed == [False, False, False]
+        assert dropped == 0
         assert growth > 18, rss  # the round's 24 MB, shared by the stalled streams
 
 

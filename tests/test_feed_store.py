@@ -57,10 +57,12 @@ def msg(message_id: str, sender: str = "+919876543210") -> Message:
     )
 
 
-async def everything(store: AnyStore, sender: str | None = None) -> list[tuple[int, str]]:
-    """(position, message_id) of every row the feed hands out, paging as a consumer does."""
+async def everything(
+    store: AnyStore, sender: str | None = None, after: int = 0
+) -> list[tuple[int, str]]:
+    """(position, message_id) of every row the feed hands out after `after`, paging as a
+    consumer does."""
     seen: list[tuple[int, str]] = []
-    after = 0
     while True:
         batch = await store.read_feed(FeedQuery(after=after, limit=7, sender=sender))
         if not batch.rows:
@@ -110,6 +112,17 @@ async def test_the_signal_fires_after_a_commit(store: AnyStore) -> None:
     await store.insert(msg("a"))
     assert await waiting
     assert (await store.read_feed(FeedQuery())).rows[0][1] == "a"
+
+
+async def test_the_head_is_the_newest_readable_position(store: AnyStore) -> None:
+    assert await store.feed_head() == 0
+    for i in range(12):
+        await store.insert(msg(f"m{i}"))
+    head = await store.feed_head()
+    assert head == (await everything(store))[-1][0]
+    assert (await store.read_feed(FeedQuery(after=head))).rows == []
+    await store.insert(msg("next"))
+    assert [message_id for _, message_id in await everything(store, after=head)] == ["next"]
 
 
 # Existing stores: rows stored before version 2 get positions by the migration.
@@ -290,6 +303,40 @@ async def test_a_row_waits_below_an_older_transaction_still_in_flight(
         await store.close()
 
 
+class HeadWithoutHorizon(PostgresStore):
+    """Broken: the newest committed position as the head, ignoring the horizon."""
+
+    async def feed_head(self) -> int:
+        ((newest,),) = await self.query("SELECT coalesce(max(position), 0) FROM messages")
+        return int(newest)
+
+
+@pytest.mark.parametrize("store_class", [PostgresStore, HeadWithoutHorizon])
+async def test_following_from_the_head_misses_no_row_of_an_older_transaction(
+    postgres: PostgresCluster, store_class: type[PostgresStore]
+) -> None:
+    url = postgres.clean_database()
+    store = await store_class.open(url)
+    slow = await asyncpg.connect(url)
+    try:
+        await store.insert(msg("before"))
+        await slow.execute("BEGIN")
+        await slow.execute(
+            "INSERT INTO messages (message_id, from_msisdn, to_msisdn, ts, ts_key, created_at)"
+            " VALUES ('older', '+15550000001', '+15550000002', 't', 'k', 'c')"
+        )
+        await store.insert(msg("newer"))  # committed, with a higher xid than "older"
+        head = await store.feed_head()
+        await slow.execute("COMMIT")
+        followed = [message_id for _, message_id in await everything(store, after=head)]
+    finally:
+        await slow.close()
+        await store.close()
+    # From the head: everything not read before it, each once. Without the horizon, the
+    # head passes "older", which commits later below it and is never handed out.
+    assert (followed == ["older", "newer"]) is (store_class is PostgresStore)
+
+
 # The fan-out: one tail reader, subscribers catching up and joining it.
 
 _ID = re.compile(rb"^id: (\d+)\nevent: message\ndata: .*?\"message_id\":\"([^\"]+)\"", re.M)
@@ -377,12 +424,30 @@ async def test_a_subscriber_that_does_not_read_is_dropped(store: AnyStore) -> No
             await dropped.wait()
             await reader
         assert stalled.dropped
+        assert hub.dropped_slow == 1
         assert hub.subscribers <= 1
         assert [m for _, m in reading] == [f"m{i}" for i in range(60)]
         first.cancel()
     finally:
         await stalled_stream.aclose()
         await hub.close()
+
+
+async def test_the_hub_counts_open_streams(store: AnyStore) -> None:
+    hub = FeedHub(store)
+    streams = [hub.stream(Subscriber(0, None)) for _ in range(3)]
+    try:
+        for stream in streams:
+            assert await anext(stream)  # the preamble: the stream is open
+        assert hub.streams == 3
+        await streams[0].aclose()
+        assert hub.streams == 2
+    finally:
+        for stream in streams:
+            await stream.aclose()
+        await hub.close()
+    assert hub.streams == 0
+    assert hub.dropped_slow == 0
 
 
 def test_each_event_is_one_data_line() -> None:

@@ -16,6 +16,13 @@ def test_every_webhook_result_exists_from_start_up(client: AppClient) -> None:
         assert f'webhook_requests_total{{result="{result}"}}' in response.text
 
 
+def test_the_feed_metrics_exist_from_start_up(client: AppClient) -> None:
+    text = client.get("/metrics").text
+    assert "\n# TYPE feed_subscribers gauge\nfeed_subscribers 0.0\n" in text
+    assert "\n# TYPE feed_subscribers_dropped_total counter\n" in text
+    assert "\nfeed_subscribers_dropped_total 0.0\n" in text
+
+
 def test_every_outcome_is_counted(make_client: MakeClient) -> None:
     client = make_client(max_body_bytes=500)
     client.post_signed(message())

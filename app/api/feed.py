@@ -18,7 +18,7 @@ from starlette.types import Message, Receive, Scope, Send
 from app.api.deps import UNAVAILABLE, FeedHubDep, SettingsDep, StoreDep, json_response, unavailable
 from app.api.messages import SENDER_PATTERN, optional, plus_for_space
 from app.feed_hub import FeedHub, Subscriber, feed_page, read_waiting
-from app.models import FEED_LIMIT_MAX, FeedPage, FeedQuery, check_msisdn
+from app.models import FEED_LIMIT_MAX, FeedHead, FeedPage, FeedQuery, check_msisdn
 from app.storage import StorageUnavailable
 
 logger = logging.getLogger("app.api")
@@ -79,6 +79,23 @@ async def feed(
         logger.warning("read failed", extra={"reason": str(exc)})
         return unavailable(settings)
     return json_response(feed_page(batch.rows, after))
+
+
+@router.get(
+    "/feed/head",
+    response_model=FeedHead,
+    summary="Where the feed stands now: follow from here to get only what arrives next",
+    responses=UNAVAILABLE,
+)
+async def feed_head(store: StoreDep, settings: SettingsDep) -> Response:
+    # For a consumer that starts from the present (the console: its head, then its
+    # snapshot of the conversations, then the stream after the head), not from the start.
+    try:
+        head = await store.feed_head()
+    except StorageUnavailable as exc:
+        logger.warning("read failed", extra={"reason": str(exc)})
+        return unavailable(settings)
+    return json_response(b'{"position":%d}' % head)
 
 
 class FeedStream(EventSourceResponse):

@@ -31,6 +31,11 @@ class MessageStore(Protocol):
         followed by a lower position later (docs/feed.md)."""
         ...
 
+    async def feed_head(self) -> int:
+        """The highest position a consumer can read now (0 if none): following the feed
+        from it misses nothing, and the feed after it holds nothing yet (docs/feed.md)."""
+        ...
+
     @property
     def feed_signal(self) -> FeedSignal:
         """Notified on the event loop whenever rows may have become readable."""

@@ -34,7 +34,7 @@ from app.storage import postgres_console as console
 from app.storage.base import StorageUnavailable
 from app.storage.feed import FeedBatch, FeedSignal
 from app.storage.migrations import SCHEMA_VERSION, apply_postgres_schema
-from app.storage.postgres_feed import FeedChannel, feed_batch, feed_statement
+from app.storage.postgres_feed import HEAD_STATEMENT, FeedChannel, feed_batch, feed_statement
 from app.storage.postgres_sql import (
     CHECK_SCHEMA,
     INSERT_MANY,
@@ -222,6 +222,12 @@ class PostgresStore:
             return list(await conn.fetch(sql, *args))
 
         return feed_batch(await self._with_connection(run, self._read_timeout), query)
+
+    async def feed_head(self) -> int:
+        async def run(conn: Connection) -> int:
+            return int(await conn.fetchval(HEAD_STATEMENT))
+
+        return await self._with_connection(run, self._read_timeout)
 
     async def list_messages(self, query: ListQuery) -> MessagePage:
         sql, args = list_statement(query)

@@ -66,6 +66,12 @@ def feed_statement(query: FeedQuery) -> tuple[str, list[Any]]:
     return sql, args
 
 
+# The newest position below the horizon, in the same snapshot as the horizon: everything
+# up to it is visible now, and nothing can appear below the horizon later. Not the newest
+# position: a row above the horizon may be followed by an older transaction's row below it.
+HEAD_STATEMENT = f"SELECT coalesce(max(position), 0) FROM messages WHERE position < ({_HORIZON})"
+
+
 def feed_batch(records: list[asyncpg.Record], query: FeedQuery) -> FeedBatch:
     horizon = int(records[0]["horizon"])
     newest = records[0]["newest"]

@@ -47,7 +47,7 @@ from app.storage.sqlite_console import (
     timeline_counts,
     write_rejections,
 )
-from app.storage.sqlite_feed import read_feed
+from app.storage.sqlite_feed import read_feed, read_head
 from app.storage.sqlite_reads import check_schema, list_page, probe_write, read_stats
 from app.storage.sqlite_writer import SEARCH_BATCH, STOP, Call, Insert, Writer
 
@@ -173,6 +173,9 @@ class SQLiteStore:
     async def read_feed(self, query: FeedQuery) -> FeedBatch:
         committed = self._committed_position  # before the query: see read_feed()
         return await self._read(lambda conn: read_feed(conn, query, committed))
+
+    async def feed_head(self) -> int:
+        return await self._read(read_head)
 
     def _committed(self, position: int) -> None:
         self._committed_position = max(self._committed_position, position)

@@ -15,6 +15,8 @@ from app.storage.feed import FeedBatch
 
 FEED_COLUMNS = "position, message_id, from_msisdn, to_msisdn, ts, text, created_at"
 _ALL = f"SELECT {FEED_COLUMNS} FROM messages WHERE position > ? ORDER BY position LIMIT ?"
+# A reader's snapshot holds every position up to the newest it sees: its newest is the head.
+_HEAD = "SELECT coalesce(max(position), 0) FROM messages"
 _FROM = (
     f"SELECT {FEED_COLUMNS} FROM messages WHERE from_msisdn = ? AND position > ?"
     " ORDER BY position LIMIT ?"
@@ -32,3 +34,8 @@ def read_feed(conn: sqlite3.Connection, query: FeedQuery, committed: int) -> Fee
     # Not full: everything committed up to here was read (a group committed since
     # `committed` was read may show up too, and then all before it has as well).
     return FeedBatch(rows, max(committed, rows[-1][0]) if rows else committed)
+
+
+def read_head(conn: sqlite3.Connection) -> int:
+    head: int = conn.execute(_HEAD).fetchone()[0]
+    return head

@@ -52,6 +52,9 @@ class DelegatingStore:
     async def read_feed(self, query: FeedQuery) -> FeedBatch:
         return await self.store.read_feed(query)
 
+    async def feed_head(self) -> int:
+        return await self.store.feed_head()
+
     @property
     def feed_signal(self) -> FeedSignal:
         return self.store.feed_signal

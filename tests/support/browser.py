@@ -1,4 +1,5 @@
-"""Headless Chromium through Selenium, for the console's browser tests and the bench.
+"""Headless Chromium through Selenium, for the console's browser tests and the bench, and
+what those tests do to a page and a server.
 
 Debian's `chromium` and `chromium-driver` packages (`.ci/run` installs them as root);
 Selenium is told where both are, so it never tries to download a browser or a driver.
@@ -11,14 +12,25 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from selenium import webdriver
-from selenium.common.exceptions import WebDriverException
+from selenium.common.exceptions import (
+    NoSuchElementException,
+    StaleElementReferenceException,
+    WebDriverException,
+)
 from selenium.webdriver.chrome.service import Service
+
+from app.signature import sign
+from tests.support.clients import SECRET
+from tests.support.servers import Server
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
@@ -37,6 +49,9 @@ FLAGS = (
 AXE = Path(__file__).resolve().parent / "vendor" / "axe-core" / "axe.min.js"
 DESKTOP = (1280, 800)
 PHONE = (375, 812)
+WAIT_SECONDS = 15.0
+
+T = TypeVar("T")
 
 
 def why_unavailable() -> str | None:
@@ -105,3 +120,62 @@ def run_axe(driver: webdriver.Chrome) -> list[dict[str, Any]]:
     )
     violations: list[dict[str, Any]] = json.loads(result)
     return violations
+
+
+def wait_for(condition: Callable[[], T], timeout: float = WAIT_SECONDS) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = condition()
+        except (StaleElementReferenceException, NoSuchElementException):
+            value = None  # the page is being replaced (a reload): look again
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("the page did not get there in time")
+        time.sleep(0.1)
+
+
+def count(driver: Any, selector: str) -> int:
+    return int(driver.execute_script(f"return document.querySelectorAll({selector!r}).length"))
+
+
+def texts(driver: Any, selector: str) -> list[str]:
+    found: list[str] = driver.execute_script(
+        f"return [...document.querySelectorAll({selector!r})].map(e => e.textContent)"
+    )
+    return found
+
+
+def live_state(driver: Any) -> str:
+    """The console's stream, as its header shows it: connecting, live or reconnecting."""
+    state: str = driver.execute_script("return document.getElementById('live').dataset.state")
+    return state
+
+
+def requests_to(driver: Any, *endpoints: str) -> list[int]:
+    """How many requests the page made to each API endpoint (`stats`, ...), by its
+    resource timing entries."""
+    counts: list[int] = driver.execute_script(
+        "const names = performance.getEntriesByType('resource')"
+        "  .map(e => new URL(e.name).pathname.slice(1));"
+        "return arguments[0].map(endpoint => names.filter(n => n === endpoint).length)",
+        list(endpoints),
+    )
+    return counts
+
+
+def post(server: Server, path: str, raw: bytes, headers: dict[str, str]) -> int:
+    url = server.base_url + path
+    request = urllib.request.Request(url, data=raw, headers=headers)  # noqa: S310
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+
+
+def post_signed(server: Server, body: dict[str, Any]) -> int:
+    raw = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", "X-Signature": sign(raw, SECRET.encode())}
+    return post(server, "/webhook", raw, headers)

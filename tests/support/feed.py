@@ -154,14 +154,22 @@ class EventStream:
 def last_position(base_url: str) -> int:
     conn = connect(base_url)
     try:
-        after = 0
-        while True:
-            page = get_json(conn, f"/feed?after={after}&limit=1000")
-            if not page["data"]:
-                return after
-            after = page["next_after"]
+        position: int = get_json(conn, "/feed/head")["position"]
+        return position
     finally:
         conn.close()
+
+
+def metric(base_url: str, name: str) -> float:
+    """One unlabelled sample from GET /metrics."""
+    conn = connect(base_url)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    (value,) = [line.split()[1] for line in text.splitlines() if line.split(" ")[0] == name]
+    return float(value)
 
 
 def stalled_stream(base_url: str, after: int = 0) -> socket.socket:

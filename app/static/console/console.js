@@ -1,18 +1,24 @@
-// The console: four views over the JSON API, and a live loop that keeps them current.
+// The console: four views over the JSON API, kept current by the feed's stream.
 import { getJSON, sessionState, signOut } from "./api.js";
 import { byId, number } from "./dom.js";
-import { loadConversations, refreshThread, setUpInbox } from "./inbox.js";
+import { applyArrivals, loadConversations, setTotals, setUpInbox } from "./inbox.js";
+import { follow, Rate } from "./live.js";
 import { refreshOverview, setUpOverview } from "./overview.js";
 import { refreshRefused, setUpRefused } from "./refused.js";
 import { setUpSearch } from "./search.js";
 
 const VIEWS = ["inbox", "search", "overview", "refused"];
-const POLL_MS = 1000;
-const RATE_WINDOW_MS = 60_000;
+// Refusals are not in the feed: their list is read again this often while it is shown.
+const REFUSED_POLL_MS = 1000;
+// While the overview is shown, arrivals redraw it at most this often.
+const OVERVIEW_MIN_MS = 2000;
+const STATE_TEXT = { connecting: "connecting", live: "live", reconnecting: "reconnecting" };
 
 let view = "inbox";
-let lastTotal = null;
-const samples = []; // [time, total] over the last minute
+const rate = new Rate();
+let refusedTimer = null;
+let overviewDue = null;
+let overviewAt = 0;
 
 function show(name) {
   view = VIEWS.includes(name) ? name : "inbox";
@@ -21,57 +27,73 @@ function show(name) {
     link.toggleAttribute("aria-current", link.dataset.view === view);
     if (link.dataset.view === view) link.setAttribute("aria-current", "page");
   }
-  refreshView();
+  if (view === "overview") drawOverview();
+  if (view === "refused" && refusedTimer === null) pollRefused();
 }
 
-async function refreshView() {
+async function drawOverview() {
+  overviewAt = performance.now();
   try {
-    if (view === "overview") await refreshOverview(lastStats || (await getJSON("stats")));
-    else if (view === "refused") await refreshRefused();
+    await refreshOverview(await getJSON("stats"));
   } catch (error) {
-    console.warn("refresh failed:", error.message);
+    console.warn("overview failed:", error.message);
   }
 }
 
-let lastStats = null;
-
-// Live arrivals: /stats' total is exact at every instant, so a change means new messages
-// (whatever their timestamps); the conversation list and the open thread are read again.
-// The rate is new messages over the last minute.
-async function tick() {
+async function pollRefused() {
+  refusedTimer = null;
+  if (view !== "refused") return;
   try {
-    const stats = await getJSON("stats");
-    lastStats = stats;
-    const now = performance.now();
-    samples.push([now, stats.total_messages]);
-    while (samples.length > 1 && now - samples[0][0] > RATE_WINDOW_MS) samples.shift();
-    const [startTime, startTotal] = samples[0];
-    // Per minute, over what has been seen of the last one (at least ten seconds of it).
-    const rate = ((stats.total_messages - startTotal) * RATE_WINDOW_MS) / Math.max(now - startTime, 10_000);
-    byId("rate").textContent = number(Math.max(0, Math.round(rate)));
-    byId("conversation-count").textContent = `${number(stats.senders_count)} senders · ${number(stats.total_messages)} messages`;
-    setLive(true);
-    if (lastTotal !== null && stats.total_messages !== lastTotal) {
-      await Promise.all([loadConversations(true), refreshThread()]);
-      if (view === "overview") await refreshOverview(stats);
-    }
-    lastTotal = stats.total_messages;
-    if (view === "refused") await refreshRefused();
+    await refreshRefused();
   } catch (error) {
-    setLive(false);
-  } finally {
-    setTimeout(tick, document.hidden ? POLL_MS * 5 : POLL_MS);
+    console.warn("refusals failed:", error.message);
+  }
+  refusedTimer = setTimeout(pollRefused, document.hidden ? REFUSED_POLL_MS * 5 : REFUSED_POLL_MS);
+}
+
+function arrived(messages) {
+  byId("live").dataset.position = messages[messages.length - 1].position;
+  rate.add(applyArrivals(messages));
+  showRate();
+  if (view === "overview" && overviewDue === null) {
+    const wait = Math.max(0, overviewAt + OVERVIEW_MIN_MS - performance.now());
+    overviewDue = setTimeout(() => {
+      overviewDue = null;
+      if (view === "overview") drawOverview();
+    }, wait);
   }
 }
 
-function setLive(up) {
-  byId("live").classList.toggle("down", !up);
-  byId("live-state").textContent = up ? "live" : "reconnecting";
+function showRate() {
+  byId("rate").textContent = number(rate.perMinute());
+}
+
+function setLive(state) {
+  const live = byId("live");
+  live.dataset.state = state;
+  live.classList.toggle("down", state !== "live");
+  byId("live-state").textContent = STATE_TEXT[state];
+}
+
+// The feed's head first, then the list: a message stored after the head comes through the
+// stream even if the list already has it (then it is recognised by its message_id), and
+// none can fall between the two.
+async function load(delay = 1000) {
+  try {
+    const head = await getJSON("feed/head");
+    const [stats] = await Promise.all([getJSON("stats"), loadConversations(true)]);
+    setTotals(stats);
+    follow(head.position, { onMessages: arrived, onState: setLive });
+  } catch (error) {
+    console.warn("loading failed, trying again:", error.message);
+    setLive("reconnecting");
+    setTimeout(() => load(Math.min(delay * 2, 30_000)), delay);
+  }
 }
 
 async function start() {
   // The list first: it is what a visit comes for.
-  const first = loadConversations(true);
+  const loading = load();
   setUpInbox();
   setUpSearch();
   setUpOverview();
@@ -82,8 +104,9 @@ async function start() {
     byId("sign-out").hidden = !state.signed_in;
   });
   show(location.hash.slice(1));
-  await first;
-  tick();
+  // The rate falls as the minute moves on, arrivals or not.
+  setInterval(showRate, 1000);
+  await loading;
 }
 
 start();
