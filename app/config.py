@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -13,6 +14,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 WHSEC_PREFIX = "whsec_"
+# ADMIN_TOKENS: `name:token` entries; the name is what the audit line says, the token a
+# bearer token of RFC 6750's b64token characters, long enough not to be guessed.
+ADMIN_TOKEN_MIN_CHARS = 16
+_ADMIN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_B64TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
 
 
 class ConfigError(Exception):
@@ -58,6 +64,30 @@ def standard_webhook_key(secret: str) -> bytes:
     if not key or encoded not in (canonical, canonical.rstrip("=")):
         raise error
     return key
+
+
+def parse_admin_tokens(value: str) -> tuple[tuple[str, str], ...]:
+    """(name, token) pairs of `name:token,name:token`, or ValueError saying what is wrong
+    (never quoting a token)."""
+    pairs: list[tuple[str, str]] = []
+    for entry in value.split(","):
+        name, colon, token = entry.partition(":")
+        if not colon:
+            raise ValueError("each entry must be name:token (e.g. alice:<openssl rand -hex 32>)")
+        if _ADMIN_NAME.fullmatch(name) is None:
+            raise ValueError("a name may hold 1 to 64 letters, digits and ._-")
+        if any(name == known for known, _ in pairs):
+            raise ValueError(f"the name {name!r} appears twice")
+        if len(token) < ADMIN_TOKEN_MIN_CHARS:
+            raise ValueError(
+                f"the token of {name!r} needs at least {ADMIN_TOKEN_MIN_CHARS} characters"
+            )
+        if _B64TOKEN.fullmatch(token) is None:
+            raise ValueError(
+                f"the token of {name!r} may hold letters, digits and -._~+/ (then = padding)"
+            )
+        pairs.append((name, token))
+    return tuple(pairs)
 
 
 def parse_database_url(url: str) -> DatabaseURL:
@@ -127,9 +157,21 @@ class Settings(DatabaseSettings):
     http_max_head_bytes: int = Field(default=65536, ge=4096, le=16 * 1024 * 1024)
     http_head_timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
     http_body_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    # The data lifecycle (docs/lifecycle.md). Unset RETENTION_DAYS: messages are kept.
+    retention_days: float | None = Field(default=None, gt=0, le=36500)
+    # How long a purged message's tombstone refuses a redelivery of it.
+    tombstone_days: float = Field(default=30.0, ge=0, le=36500)
+    retention_interval_seconds: float = Field(default=60.0, gt=0, le=86400)
+    # `name:token,...`: who may erase. Unset: the erasure endpoints answer 404.
+    admin_tokens: SecretStr | None = None
 
     @field_validator(
-        "webhook_secret_previous", "whatsapp_app_secret", "whatsapp_verify_token", mode="before"
+        "webhook_secret_previous",
+        "whatsapp_app_secret",
+        "whatsapp_verify_token",
+        "retention_days",
+        "admin_tokens",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
@@ -152,6 +194,13 @@ class Settings(DatabaseSettings):
             standard_webhook_key(value.get_secret_value())
         return value
 
+    @field_validator("admin_tokens")
+    @classmethod
+    def _admin_tokens_well_formed(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_admin_tokens(value.get_secret_value())
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_log_level(cls, value: object) -> object:
@@ -172,6 +221,12 @@ class Settings(DatabaseSettings):
             for secret in secrets
             if secret is not None
         )
+
+    def admin_credentials(self) -> tuple[tuple[str, str], ...]:
+        """(name, token) of every admin token; empty when ADMIN_TOKENS is unset."""
+        if self.admin_tokens is None:
+            return ()
+        return parse_admin_tokens(self.admin_tokens.get_secret_value())
 
     @property
     def whatsapp_enabled(self) -> bool:

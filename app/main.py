@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,13 +16,14 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api import messages, probes, whatsapp
+from app.api import lifecycle, messages, probes, whatsapp
 from app.api.deps import AppState
 from app.api.webhook import PATH, WebhookEndpoint, openapi_operation
 from app.config import ConfigError, Settings, load_settings
 from app.logging_utils import configure_logging, refuse_to_start
 from app.metrics import Metrics
 from app.middleware import DirectRoutes, ObservabilityMiddleware
+from app.retention import Retention
 from app.storage import MessageStore, open_store
 
 logger = logging.getLogger("app")
@@ -113,6 +116,9 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
         store = await store_opener(app_settings)
+        retention = asyncio.create_task(
+            Retention(store, app_settings, metrics).run_forever(), name="retention"
+        )
         settle_heap()
         logger.info(
             "ready to receive",
@@ -122,6 +128,9 @@ def create_app(
             yield {"settings": app_settings, "store": store, "metrics": metrics}
         finally:
             gc.unfreeze()
+            retention.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await retention
             await store.close()
             logger.info("store closed")
 
@@ -138,6 +147,8 @@ def create_app(
         openapi_url="/openapi.json" if docs else None,
     )
     app.include_router(messages.router)
+    # After /messages, and export before the id route (see app/api/lifecycle.py).
+    app.include_router(lifecycle.router)
     app.include_router(probes.router)
     if settings.whatsapp_enabled:
         app.include_router(whatsapp.router)

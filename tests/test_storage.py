@@ -12,7 +12,12 @@ import pytest
 
 from app.models import ListQuery, Message, instant_key
 from app.storage import SQLiteStore, sqlite_checkpoint
-from app.storage.migrations import apply_sqlite_schema, split_statements
+from app.storage.migrations import (
+    SCHEMA_VERSION,
+    apply_sqlite_schema,
+    migrations,
+    split_statements,
+)
 from app.storage.postgres import PostgresStore
 from app.storage.sqlite_connection import PAGE_SIZE, init_sqlite
 from tests.support.postgres import PostgresCluster
@@ -129,11 +134,12 @@ async def test_deleting_rows_keeps_aggregates_true(tmp_path: Path) -> None:
 
 def test_schema_applies_idempotently(tmp_path: Path) -> None:
     path = str(tmp_path / "init.db")
-    assert init_sqlite(path) == 1
-    assert init_sqlite(path) == 1
+    assert init_sqlite(path) == SCHEMA_VERSION
+    assert init_sqlite(path) == SCHEMA_VERSION
     with sqlite3.connect(path, isolation_level=None) as conn:
-        assert apply_sqlite_schema(conn) == 1
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        assert apply_sqlite_schema(conn) == SCHEMA_VERSION
+        recorded = conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
+        assert recorded == [(version,) for version, _ in migrations("sqlite")]
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
     assert {"messages", "sender_counts", "message_totals", "messages_fts"} <= tables
 

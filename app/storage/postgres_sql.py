@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from app.models import ListQuery
 
 # Many rows in one statement (one transaction, one WAL flush); duplicates inside the batch
-# are fine: the first is inserted, the others meet it and do nothing.
+# are fine: the first is inserted, the others meet it and do nothing. $8 holds each row's
+# tombstone hash: an erased or purged id is left out (see postgres_lifecycle.py for why
+# an erasure running at the same moment cannot slip past this check).
 INSERT_MANY = (
     "INSERT INTO messages"
     " (message_id, from_msisdn, to_msisdn, ts, text, ts_key, text_folded, created_at)"
-    " SELECT r.*, $8 FROM unnest("
-    "$1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[]) AS r"
+    " SELECT r.message_id, r.from_msisdn, r.to_msisdn, r.ts, r.text, r.ts_key, r.text_folded,"
+    " r.created_at FROM unnest("
+    "$1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],"
+    " $8::bytea[], $9::text[]) AS r (message_id, from_msisdn, to_msisdn, ts, text, ts_key,"
+    " text_folded, hash, created_at)"
+    " WHERE NOT EXISTS (SELECT 1 FROM tombstones t WHERE t.hash = r.hash)"
     " ON CONFLICT (message_id) DO NOTHING RETURNING message_id"
 )
 # Rows per statement at most; a bigger burst is sent as several.
@@ -67,15 +74,9 @@ def like_pattern(folded: str) -> str:
     return f"%{escaped}%"
 
 
-def list_statement(query: ListQuery) -> tuple[str, list[Any]]:
-    """The page and its total in one statement; returns (sql, arguments)."""
+def list_filters(query: ListQuery, arg: Callable[[Any], str]) -> list[str]:
+    """The WHERE clauses of the /messages filters; `arg` binds a value, returning `$n`."""
     clauses: list[str] = []
-    args: list[Any] = []
-
-    def arg(value: Any) -> str:
-        args.append(value)
-        return f"${len(args)}"
-
     if query.sender is not None:
         clauses.append(f"from_msisdn = {arg(query.sender)}")
     if query.since_key is not None:
@@ -84,6 +85,22 @@ def list_statement(query: ListQuery) -> tuple[str, list[Any]]:
         # The folded column is compared with the folded term, so LIKE's case-sensitivity
         # is what we want; the trigram index serves it when pg_trgm is installed.
         clauses.append(f"text_folded LIKE {arg(like_pattern(query.q.casefold()))} ESCAPE '\\'")
+    return clauses
+
+
+def binder(args: list[Any]) -> Callable[[Any], str]:
+    def arg(value: Any) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    return arg
+
+
+def list_statement(query: ListQuery) -> tuple[str, list[Any]]:
+    """The page and its total in one statement; returns (sql, arguments)."""
+    args: list[Any] = []
+    arg = binder(args)
+    clauses = list_filters(query, arg)
     total = f"(SELECT count(*) FROM messages WHERE {' AND '.join(clauses)})" if clauses else _TOTAL
     page_clauses = list(clauses)
     if query.after is not None:

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from app.models import ListQuery, Message, MessagePage, Stats
 from app.storage.base import StorageUnavailable
 from app.storage.migrations import apply_sqlite_schema
-from app.storage.rows import Row, message_row
+from app.storage.rows import Clock, Row, message_row, system_clock
 from app.storage.sqlite_checkpoint import Checkpointer
 from app.storage.sqlite_connection import (
     connect_sqlite,
@@ -31,6 +31,7 @@ from app.storage.sqlite_connection import (
     ensure_parent,
     rollback,
 )
+from app.storage.sqlite_lifecycle import SQLiteLifecycle, load_key
 from app.storage.sqlite_reads import check_schema, list_page, probe_write, read_stats
 from app.storage.sqlite_writer import SEARCH_BATCH, STOP, Call, Insert, Writer
 
@@ -49,6 +50,8 @@ class SQLiteStore:
         checkpointer: Checkpointer | None,
         busy_timeout_ms: int,
         write_timeout: float,
+        key: bytes,
+        clock: Clock,
     ) -> None:
         self.path = path
         self._writer = writer
@@ -64,6 +67,9 @@ class SQLiteStore:
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         self._lock = threading.Lock()
         self._probe: asyncio.Future[None] | None = None
+        self.lifecycle = SQLiteLifecycle(
+            self._read, self._write_call, writer.search, key=key, clock=clock
+        )
 
     @classmethod
     async def open(
@@ -73,10 +79,11 @@ class SQLiteStore:
         busy_timeout_ms: int = 1000,
         write_timeout: float = 5.0,
         readers: int = 4,
+        clock: Clock = system_clock,
     ) -> SQLiteStore:
         memory = path == ":memory:"
 
-        def setup() -> sqlite3.Connection:
+        def setup() -> tuple[sqlite3.Connection, bytes]:
             ensure_parent(path)
             conn = connect_sqlite(path, busy_timeout_ms=busy_timeout_ms)
             try:
@@ -87,13 +94,14 @@ class SQLiteStore:
                 if not memory:
                     conn.execute("PRAGMA wal_autocheckpoint = 0")
                     conn.execute("PRAGMA journal_size_limit = 67108864")
+                key = load_key(conn)
             except BaseException:
                 conn.close()
                 raise
-            return conn
+            return conn, key
 
-        conn = await asyncio.to_thread(setup)
-        writer = Writer(conn, asyncio.get_running_loop())
+        conn, key = await asyncio.to_thread(setup)
+        writer = Writer(conn, asyncio.get_running_loop(), key=key, clock=clock)
         writer.start()
         # A :memory: database exists only inside its one connection, so reads go through
         # the writer thread too; a file gets reader connections and a checkpointer.
@@ -108,6 +116,8 @@ class SQLiteStore:
             checkpointer=checkpointer,
             busy_timeout_ms=busy_timeout_ms,
             write_timeout=write_timeout,
+            key=key,
+            clock=clock,
         )
 
     async def insert(self, message: Message) -> bool:

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.storage.base import StorageUnavailable
-from app.storage.rows import Row, utc_now
+from app.storage.lifecycle import tombstone_hash
+from app.storage.rows import Clock, Row, format_instant
 from app.storage.sqlite_connection import MAX_BATCH, describe_sqlite_error, rollback
 
 logger = logging.getLogger("app.storage")
@@ -43,15 +44,19 @@ SEARCH_BATCH = 2000
 # statement per group instead of one per row is what lets the writer keep up. One text
 # per group size, each prepared once (the connection caches MAX_BATCH + 100 statements).
 # (Rows as one JSON array through json_each, one text for all sizes, cost SQLite 45%
-# more per row, parsing the JSON.)
+# more per row, parsing the JSON.) The ninth value of a row is its tombstone hash: an
+# erased or purged id is left out in the same statement, under the same write lock as
+# the insert, so no erasure can slip between the check and the write.
 @functools.lru_cache(maxsize=MAX_BATCH)
-def _insert_group(rows: int) -> str:
+def insert_group(rows: int) -> str:
     return (
         "INSERT INTO messages"
         " (message_id, from_msisdn, to_msisdn, ts, text, ts_key, text_folded, created_at)"
-        " VALUES "
-        + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
-        + " ON CONFLICT (message_id) DO NOTHING"
+        " SELECT column1, column2, column3, column4, column5, column6, column7, column8"
+        " FROM (VALUES "
+        + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
+        + ") WHERE NOT EXISTS (SELECT 1 FROM tombstones WHERE hash = column9)"
+        " ON CONFLICT (message_id) DO NOTHING"
     )
 
 
@@ -82,10 +87,19 @@ Settlement = tuple[asyncio.Future[Any], Any, BaseException | None]
 class Writer(threading.Thread):
     """Owns the writer connection; commits queued inserts in groups."""
 
-    def __init__(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        key: bytes,
+        clock: Clock,
+    ) -> None:
         super().__init__(name="sqlite-writer", daemon=True)
         self.conn = conn
         self.loop = loop
+        self.key = key
+        self.clock = clock
         self.search = SearchIndexer(conn)
         # Inserts arrive in lists: the event loop hands over everything that arrived in
         # one turn at once (see SQLiteStore.insert).
@@ -167,13 +181,16 @@ class Writer(threading.Thread):
 
     def _insert_all(self, batch: list[Insert]) -> list[bool]:
         conn = self.conn
-        now = utc_now()
-        params = [value for job in batch for value in (*job.row, now)]
+        now = format_instant(self.clock())
+        key = self.key
+        params = [
+            value for job in batch for value in (*job.row, now, tombstone_hash(key, job.row[0]))
+        ]
         # One statement outside any BEGIN: SQLite runs it as its own transaction, takes
         # the write lock first and commits (fsync'd) before it returns. One call means
         # one trip away from and back to the GIL instead of three (BEGIN, INSERT,
         # COMMIT), and under load each trip back waits for the event loop to let go.
-        cursor = conn.execute(_insert_group(len(batch)), params)
+        cursor = conn.execute(insert_group(len(batch)), params)
         inserted, last_rowid = cursor.rowcount, cursor.lastrowid or 0
         if inserted > 0:
             self.search.last_rowid = last_rowid
@@ -197,6 +214,8 @@ class Writer(threading.Thread):
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
             self._settle([(job.future, None, exc)])
         else:
+            # A call may have written (an erasure, a purge): the checkpointer's turn.
+            self.committed.set()
             self._settle([(job.future, result, None)])
 
     def _settle(self, settlements: list[Settlement]) -> None:
@@ -226,6 +245,25 @@ class SearchIndexer:
     @property
     def backlog(self) -> int:
         return int(self.last_rowid - self.indexed_through)
+
+    def lower_watermark(self) -> int:
+        """After deleting rows, in the deleting transaction: the newest rowid left.
+
+        SQLite gives a new row max(rowid) + 1, so once the newest rows are deleted their
+        rowids are given out again. The watermark comes down to the newest row left (all
+        rows up to it are still indexed), so that a row reusing a rowid gets indexed.
+        Call settle() with the result once the transaction has committed.
+        """
+        top: int = self.conn.execute("SELECT coalesce(max(rowid), 0) FROM messages").fetchone()[0]
+        self.conn.execute(
+            "UPDATE search_progress SET indexed_through = ? WHERE id = 1 AND indexed_through > ?",
+            (top, top),
+        )
+        return top
+
+    def settle(self, top: int) -> None:
+        self.indexed_through = min(self.indexed_through, top)
+        self.last_rowid = min(self.last_rowid, top)
 
     def index_some(self, limit: int = SEARCH_BATCH) -> None:
         if self.backlog <= 0:

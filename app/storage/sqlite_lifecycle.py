@@ -1,0 +1,282 @@
+"""The data lifecycle on SQLite: erasure, retention, import on the writer; reads on a reader.
+
+Everything that deletes or imports runs on the writer thread (SQLiteStore hands it over as
+a Call), between two groups of inserts: a redelivery is either committed before an
+erasure, which then deletes it, or checked against its tombstone after, in the insert
+statement itself. Each call is one short transaction, so the inserts queued behind it
+wait for one batch, never for a whole purge.
+"""
+
+from __future__ import annotations
+
+import functools
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Protocol, TypeVar
+
+from app.models import ListQuery
+from app.storage.lifecycle import (
+    ERASE_BATCH,
+    EXPORT_COLUMNS,
+    EXPORT_PAGE,
+    Erasure,
+    ImportCounts,
+    ImportRow,
+    StoredMessage,
+    number_digest,
+    stored_message,
+    tombstone_hash,
+)
+from app.storage.rows import Clock, Row, format_instant, message_row
+from app.storage.sqlite_connection import rollback
+from app.storage.sqlite_reads import list_filters
+from app.storage.sqlite_writer import SearchIndexer, insert_group
+
+T = TypeVar("T")
+
+
+class RunOn(Protocol):
+    """The store's way to run `fn` on one of its connections (a reader, or the writer)."""
+
+    def __call__(self, fn: Callable[[sqlite3.Connection], T]) -> Awaitable[T]: ...
+
+
+# A permanent tombstone (expires_at NULL) stays permanent; of two expiring ones, the later
+# expiry wins. SQLite's max() of anything and NULL is NULL.
+_TOMBSTONE = (
+    "INSERT INTO tombstones (hash, created_at, expires_at) VALUES (?, ?, ?)"
+    " ON CONFLICT (hash) DO UPDATE SET expires_at = max(expires_at, excluded.expires_at)"
+)
+# Rows an erasure of a number reads per step, by rowid: the write lock is held for one
+# window at a time (a few ms), however big the table.
+ERASE_WINDOW = 20_000
+
+
+@contextmanager
+def write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        rollback(conn)
+        raise
+
+
+def _bury(
+    conn: sqlite3.Connection, key: bytes, ids: Sequence[str], now: str, expires: str | None
+) -> int:
+    conn.executemany(_TOMBSTONE, [(tombstone_hash(key, i), now, expires) for i in ids])
+    return len(ids)
+
+
+def load_key(conn: sqlite3.Connection) -> bytes:
+    key: bytes = conn.execute("SELECT key FROM lifecycle_key WHERE id = 1").fetchone()[0]
+    return key
+
+
+def get_message(conn: sqlite3.Connection, message_id: str) -> StoredMessage | None:
+    row = conn.execute(
+        f"SELECT {EXPORT_COLUMNS} FROM messages WHERE message_id = ?", (message_id,)
+    ).fetchone()
+    return None if row is None else stored_message(row)
+
+
+def is_tombstoned(conn: sqlite3.Connection, key: bytes, message_id: str) -> bool:
+    found = conn.execute(
+        "SELECT 1 FROM tombstones WHERE hash = ?", (tombstone_hash(key, message_id),)
+    ).fetchone()
+    return found is not None
+
+
+def erase_message(
+    conn: sqlite3.Connection, indexer: SearchIndexer, key: bytes, message_id: str, now: str
+) -> Erasure:
+    with write_transaction(conn):
+        gone = conn.execute(
+            "DELETE FROM messages WHERE message_id = ? RETURNING message_id", (message_id,)
+        ).fetchall()
+        buried = _bury(conn, key, [message_id], now, None) if gone else 0
+        top = indexer.lower_watermark()
+    indexer.settle(top)
+    return Erasure(tombstone_hash(key, message_id).hex(), len(gone), buried)
+
+
+def erase_number_step(
+    conn: sqlite3.Connection,
+    indexer: SearchIndexer,
+    key: bytes,
+    msisdn: str,
+    after: int,
+    now: str,
+) -> tuple[int, int | None]:
+    """Erase up to ERASE_BATCH messages from or to `msisdn` among the ERASE_WINDOW rowids
+    after `after`; returns (deleted, where the next step starts, or None when done)."""
+    with write_transaction(conn):
+        last: int = conn.execute("SELECT coalesce(max(rowid), 0) FROM messages").fetchone()[0]
+        end = after + ERASE_WINDOW
+        found = conn.execute(
+            "SELECT rowid, message_id FROM messages WHERE rowid > ? AND rowid <= ?"
+            " AND (from_msisdn = ? OR to_msisdn = ?) ORDER BY rowid LIMIT ?",
+            (after, end, msisdn, msisdn, ERASE_BATCH),
+        ).fetchall()
+        if found:
+            conn.executemany("DELETE FROM messages WHERE rowid = ?", [(r,) for r, _ in found])
+            _bury(conn, key, [message_id for _, message_id in found], now, None)
+        top = indexer.lower_watermark()
+    indexer.settle(top)
+    if len(found) == ERASE_BATCH:
+        return len(found), found[-1][0]
+    return len(found), (end if end < last else None)
+
+
+def purge_batch(
+    conn: sqlite3.Connection,
+    indexer: SearchIndexer,
+    key: bytes,
+    *,
+    cutoff: str,
+    now: str,
+    expires: str | None,
+    limit: int,
+) -> int:
+    """Delete up to `limit` of the oldest messages received before `cutoff`; returns how
+    many. Each leaves a tombstone until `expires` (None: no tombstone)."""
+    with write_transaction(conn):
+        gone = conn.execute(
+            "DELETE FROM messages WHERE rowid IN (SELECT rowid FROM messages"
+            " WHERE created_at < ? ORDER BY created_at LIMIT ?) RETURNING message_id",
+            (cutoff, limit),
+        ).fetchall()
+        if gone and expires is not None:
+            _bury(conn, key, [message_id for (message_id,) in gone], now, expires)
+        top = indexer.lower_watermark() if gone else None
+    if top is not None:
+        indexer.settle(top)
+    return len(gone)
+
+
+def expire_tombstones(conn: sqlite3.Connection, now: str, limit: int) -> int:
+    with write_transaction(conn):
+        cursor = conn.execute(
+            "DELETE FROM tombstones WHERE hash IN (SELECT hash FROM tombstones"
+            " WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?)",
+            (now, limit),
+        )
+    return cursor.rowcount
+
+
+def import_batch(
+    conn: sqlite3.Connection,
+    indexer: SearchIndexer,
+    key: bytes,
+    rows: Sequence[tuple[Row, str]],
+) -> ImportCounts:
+    """Insert (row, received_at) pairs unless already stored or tombstoned, in one
+    transaction, by the same statement as the webhook's inserts."""
+    hashes = [tombstone_hash(key, row[0]) for row, _ in rows]
+    params = [
+        value
+        for (row, received), hashed in zip(rows, hashes, strict=True)
+        for value in (*row, received, hashed)
+    ]
+    with write_transaction(conn):
+        marks = ", ".join("?" * len(hashes))
+        buried = conn.execute(
+            f"SELECT count(*) FROM tombstones WHERE hash IN ({marks})", hashes
+        ).fetchone()[0]
+        cursor = conn.execute(insert_group(len(rows)), params)
+        created, last_rowid = cursor.rowcount, cursor.lastrowid or 0
+    if created > 0:
+        indexer.last_rowid = max(indexer.last_rowid, last_rowid)
+    return ImportCounts(created, len(rows) - created - buried, buried)
+
+
+def export_page(
+    conn: sqlite3.Connection, query: ListQuery, after: tuple[str, str] | None, limit: int
+) -> list[Row]:
+    """Up to `limit` rows matching the /messages filters, in listing order, after `after`
+    (ts_key, message_id); each row is EXPORT_COLUMNS then ts_key."""
+    clauses, params = list_filters(query)
+    if after is not None:
+        clauses.append("(ts_key, message_id) > (?, ?)")
+        params.extend(after)
+    where = " WHERE " + " AND ".join(clauses) if clauses else ""
+    return conn.execute(
+        f"SELECT {EXPORT_COLUMNS}, ts_key FROM messages{where} ORDER BY ts_key, message_id LIMIT ?",
+        [*params, limit],
+    ).fetchall()
+
+
+class SQLiteLifecycle:
+    """The store's lifecycle operations (MessageStore.lifecycle) on SQLite."""
+
+    def __init__(
+        self, read: RunOn, write: RunOn, search: SearchIndexer, *, key: bytes, clock: Clock
+    ) -> None:
+        self._read = read
+        self._write = write
+        self._search = search
+        self._key = key
+        self._clock = clock
+
+    async def get_message(self, message_id: str) -> StoredMessage | None:
+        return await self._read(lambda conn: get_message(conn, message_id))
+
+    async def is_tombstoned(self, message_id: str) -> bool:
+        return await self._read(lambda conn: is_tombstoned(conn, self._key, message_id))
+
+    async def erase_message(self, message_id: str) -> Erasure:
+        search, key, now = self._search, self._key, self._now()
+        return await self._write(lambda conn: erase_message(conn, search, key, message_id, now))
+
+    async def erase_number(self, msisdn: str) -> Erasure:
+        # Window by window, each its own short transaction on the writer.
+        search, key, now = self._search, self._key, self._now()
+        deleted = 0
+        after: int | None = 0
+        while after is not None:
+            step, after = await self._write(
+                functools.partial(
+                    erase_number_step, indexer=search, key=key, msisdn=msisdn, after=after, now=now
+                )
+            )
+            deleted += step
+        return Erasure(number_digest(key, msisdn), deleted, deleted)
+
+    async def purge(self, older_than: timedelta, tombstone_for: timedelta, limit: int) -> int:
+        search, key, moment = self._search, self._key, self._clock()
+        cutoff, now = format_instant(moment - older_than), format_instant(moment)
+        expires = format_instant(moment + tombstone_for) if tombstone_for else None
+        return await self._write(
+            lambda conn: purge_batch(
+                conn, search, key, cutoff=cutoff, now=now, expires=expires, limit=limit
+            )
+        )
+
+    async def expire_tombstones(self, limit: int) -> int:
+        now = self._now()
+        return await self._write(lambda conn: expire_tombstones(conn, now, limit))
+
+    async def export(self, query: ListQuery) -> AsyncIterator[list[Row]]:
+        # Page by page, each page its own read: no transaction stays open between pages.
+        after: tuple[str, str] | None = None
+        while True:
+            rows = await self._read(
+                functools.partial(export_page, query=query, after=after, limit=EXPORT_PAGE)
+            )
+            if rows:
+                yield [row[:-1] for row in rows]
+            if len(rows) < EXPORT_PAGE:
+                return
+            after = (rows[-1][-1], rows[-1][0])
+
+    async def import_rows(self, rows: Sequence[ImportRow]) -> ImportCounts:
+        search, key, now = self._search, self._key, self._now()
+        prepared = [(message_row(message), received or now) for message, received in rows]
+        return await self._write(lambda conn: import_batch(conn, search, key, prepared))
+
+    def _now(self) -> str:
+        return format_instant(self._clock())
