@@ -1,4 +1,4 @@
-"""`python -m app ...`: serve, init-db, sign, send, demo.
+"""`python -m app ...`: serve, init-db, sign, send, demo; export, import, backup, restore.
 
 Exit codes: 0 done; 1 the service answered, but not as expected (`send`: a status other
 than 2xx; `demo`: any step); 2 a usage or configuration error (a bad flag or URL, no
@@ -36,6 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_server(args.host, args.port)
     if args.command == "init-db":
         return init_db()
+    if args.command in LIFECYCLE_COMMANDS:
+        return run_lifecycle(args)
     if args.command == "sign":
         if args.standard_webhooks:
             return print_standard_headers(args.file, args.id, args.timestamp)
@@ -72,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
 
     commands.add_parser("init-db", help="create or upgrade the schema of DATABASE_URL")
+    add_lifecycle_commands(commands)
 
     sign_cmd = commands.add_parser(
         "sign", help="print the X-Signature of a body, keyed with WEBHOOK_SECRET"
@@ -121,6 +124,48 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--url", default=DEFAULT_URL, help=f"the service (default {DEFAULT_URL})")
         sub.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
     return parser
+
+
+LIFECYCLE_COMMANDS = ("export", "import", "backup", "restore")
+
+
+def add_lifecycle_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    export = commands.add_parser(
+        "export", help="write the messages of DATABASE_URL to stdout as NDJSON"
+    )
+    export.add_argument("--from", dest="sender", metavar="E164", help="only this sender")
+    export.add_argument("--since", metavar="TS", help="only messages with ts >= TS")
+    export.add_argument("--q", metavar="TEXT", help="only texts containing TEXT (any case)")
+    import_cmd = commands.add_parser(
+        "import", help="store the messages of an export (idempotent; a summary at the end)"
+    )
+    import_cmd.add_argument("file", help="the NDJSON file ('-': stdin)")
+    import_cmd.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="report an invalid line and go on (default: stop at the first one)",
+    )
+    backup = commands.add_parser(
+        "backup", help="copy the live SQLite database to a new file, checked"
+    )
+    backup.add_argument("path", help="the backup file to create")
+    restore = commands.add_parser(
+        "restore", help="put a backup in place of the SQLite database (service stopped)"
+    )
+    restore.add_argument("path", help="the backup file")
+
+
+def run_lifecycle(args: argparse.Namespace) -> int:
+    # Imported here, like the server: the other commands need only the standard library.
+    from app import lifecycle_cli
+
+    if args.command == "export":
+        return lifecycle_cli.export(args.sender, args.since, args.q)
+    if args.command == "import":
+        return lifecycle_cli.import_(args.file, args.skip_invalid)
+    if args.command == "backup":
+        return lifecycle_cli.backup_(args.path)
+    return lifecycle_cli.restore_(args.path)
 
 
 _MISSING_KEY_HELP = (

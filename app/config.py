@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -170,13 +170,17 @@ class Settings(DatabaseSettings):
         "whatsapp_app_secret",
         "whatsapp_verify_token",
         "retention_days",
+        "tombstone_days",
+        "retention_interval_seconds",
         "admin_tokens",
         mode="before",
     )
     @classmethod
-    def _empty_is_unset(cls, value: object) -> object:
+    def _empty_is_unset(cls, value: object, info: ValidationInfo) -> object:
         # Compose passes an unset variable as "", which means "not configured".
-        return None if value == "" else value
+        if value != "":
+            return value
+        return cls.model_fields[info.field_name or ""].get_default()
 
     @field_validator(
         "webhook_secret", "webhook_secret_previous", "whatsapp_app_secret", "whatsapp_verify_token"

@@ -160,19 +160,19 @@ async def import_batch(
 
 
 def export_page(
-    query: ListQuery, after: tuple[str, str] | None, limit: int
+    query: ListQuery, after: tuple[str, str] | None = None, limit: int | None = None
 ) -> tuple[str, list[Any]]:
-    """The statement of an export page: EXPORT_COLUMNS then ts_key, in listing order."""
+    """The statement of an export page (or, without a limit, of the whole export):
+    EXPORT_COLUMNS then ts_key, in listing order."""
     args: list[Any] = []
     arg = binder(args)
     clauses = list_filters(query, arg)
     if after is not None:
         clauses.append(f"(ts_key, message_id) > ({arg(after[0])}, {arg(after[1])})")
     where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-    sql = (
-        f"SELECT {EXPORT_COLUMNS}, ts_key FROM messages{where}"
-        f" ORDER BY ts_key, message_id LIMIT {arg(limit)}"
-    )
+    sql = f"SELECT {EXPORT_COLUMNS}, ts_key FROM messages{where} ORDER BY ts_key, message_id"
+    if limit is not None:
+        sql += f" LIMIT {arg(limit)}"
     return sql, args
 
 

@@ -14,7 +14,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from app.models import ListQuery
 from app.storage.lifecycle import (
@@ -199,15 +199,30 @@ def export_page(
 ) -> list[Row]:
     """Up to `limit` rows matching the /messages filters, in listing order, after `after`
     (ts_key, message_id); each row is EXPORT_COLUMNS then ts_key."""
+    sql, params = _export_statement(query, after)
+    return conn.execute(sql + " LIMIT ?", [*params, limit]).fetchall()
+
+
+def export_all(conn: sqlite3.Connection, query: ListQuery, chunk: int) -> Iterator[list[Row]]:
+    """Every matching row, `chunk` at a time, from one read transaction: one snapshot."""
+    sql, params = _export_statement(query, None)
+    conn.execute("BEGIN")
+    try:
+        cursor = conn.execute(sql, params)
+        while rows := cursor.fetchmany(chunk):
+            yield rows
+    finally:
+        rollback(conn)
+
+
+def _export_statement(query: ListQuery, after: tuple[str, str] | None) -> tuple[str, list[Any]]:
     clauses, params = list_filters(query)
     if after is not None:
         clauses.append("(ts_key, message_id) > (?, ?)")
         params.extend(after)
     where = " WHERE " + " AND ".join(clauses) if clauses else ""
-    return conn.execute(
-        f"SELECT {EXPORT_COLUMNS}, ts_key FROM messages{where} ORDER BY ts_key, message_id LIMIT ?",
-        [*params, limit],
-    ).fetchall()
+    sql = f"SELECT {EXPORT_COLUMNS}, ts_key FROM messages{where} ORDER BY ts_key, message_id"
+    return sql, params
 
 
 class SQLiteLifecycle:
