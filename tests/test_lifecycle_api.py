@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 
@@ -31,7 +30,7 @@ def admin_client(make_client: MakeClient, database_url: str) -> AppClient:
 
 
 @pytest.fixture
-def seeded(admin_client: AppClient) -> Iterator[AppClient]:
+def seeded(admin_client: AppClient) -> AppClient:
     post_all(admin_client, corpus(120))
     return admin_client
 

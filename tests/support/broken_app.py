@@ -20,7 +20,7 @@ from fastapi import FastAPI
 import app.main
 from app.config import Settings
 from app.models import ListQuery, Message, MessagePage, Stats
-from app.storage import MessageStore, SQLiteStore, open_store
+from app.storage import Lifecycle, MessageStore, SQLiteStore, open_store
 from app.storage.rows import message_row, utc_now
 
 # What the internal_error variant's exceptions say: nothing of it may reach a client or a log.
@@ -30,6 +30,10 @@ LEAKY_DETAIL = "internal-detail-+919876543210-private-text"
 class DelegatingStore:
     def __init__(self, store: SQLiteStore) -> None:
         self.store = store
+
+    @property
+    def lifecycle(self) -> Lifecycle:
+        return self.store.lifecycle
 
     async def insert(self, message: Message) -> bool:
         return await self.store.insert(message)
