@@ -21,7 +21,6 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from urllib.parse import quote
 
 from app.storage.migrations import SCHEMA_VERSION
 from app.storage.sqlite_connection import connect_sqlite, describe_sqlite_error
@@ -94,45 +93,51 @@ def check_copy(conn: sqlite3.Connection) -> tuple[int, int]:
 def restore(source: str, target: str) -> tuple[Copy, str | None]:
     """Put the backup `source` in place of the database `target` (the service stopped).
 
+    The backup is copied beside the target first, and the copy checked: what is checked is
+    exactly what is put in place, and the backup itself is never opened for writing.
     Returns the copy, and where the database it replaced now is (None if there was none).
     """
     started = time.monotonic()
     if not os.path.isfile(source):
         raise BackupError(f"no backup at {source}")
-    try:
-        # Read-only and immutable: a restore never writes to the backup it reads.
-        uri = f"file:{quote(os.path.abspath(source))}?mode=ro&immutable=1"
-        check = sqlite3.connect(uri, uri=True)
-        try:
-            version, messages = check_copy(check)
-        finally:
-            check.close()
-    except sqlite3.DatabaseError as exc:
-        raise BackupError(f"{source} is not a readable SQLite database: {exc}") from None
-    if version != SCHEMA_VERSION:
+    if os.path.exists(source + "-wal"):
         raise BackupError(
-            f"{source} has schema version {version}; this build restores version"
-            f" {SCHEMA_VERSION} only (restore it with the build that made it)"
+            f"{source} has a write-ahead log beside it ({source}-wal): it is a live database"
+            " or a raw copy of one; make a backup of it with `python -m app backup` first"
         )
     parent = os.path.dirname(os.path.abspath(target))
     os.makedirs(parent, exist_ok=True)
-    aside = None
-    if os.path.exists(target):
-        _take_over(target)
-        aside = f"{target}.before-restore-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}"
-        # A damaged database may still have a log beside it: it goes aside with it.
-        for suffix in ("", "-wal", "-shm"):
-            if os.path.exists(target + suffix):
-                os.replace(target + suffix, aside + suffix)
     partial = f"{target}.partial-{os.getpid()}"
+    aside = None
     try:
         shutil.copyfile(source, partial)
+        try:
+            check = sqlite3.connect(partial, isolation_level=None)
+            try:
+                version, messages = check_copy(check)
+            finally:
+                check.close()
+        except sqlite3.DatabaseError as exc:
+            raise BackupError(f"{source} is not a readable SQLite database: {exc}") from None
+        if version != SCHEMA_VERSION:
+            raise BackupError(
+                f"{source} has schema version {version}; this build restores version"
+                f" {SCHEMA_VERSION} only (restore it with the build that made it)"
+            )
         _fsync(partial)
+        if os.path.exists(target):
+            _take_over(target)
+            aside = f"{target}.before-restore-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}"
+            # A damaged database may still have a log beside it: it goes aside with it.
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(target + suffix):
+                    os.replace(target + suffix, aside + suffix)
         os.replace(partial, target)
         _fsync(parent)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(partial)
+        for leftover in (partial, partial + "-wal", partial + "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(leftover)
     copy = Copy(target, messages, version, os.path.getsize(target), time.monotonic() - started)
     return copy, aside
 

@@ -17,6 +17,7 @@ from app.main import create_app
 from app.models import Message, Stats
 from app.storage import MessageStore
 from app.storage.postgres import PostgresStore
+from app.storage.postgres_lifecycle import bury
 from app.storage.rows import message_row, utc_now
 
 _INSERT = (
@@ -104,3 +105,16 @@ def read_then_insert_app() -> FastAPI:
 
 def ack_before_commit_app() -> FastAPI:
     return _app_with(AckBeforeCommit)
+
+
+async def erase_without_lock(conn: Any, key: bytes, message_id: str, now: str) -> int:
+    """postgres_lifecycle.erase_message without its LOCK TABLE: a redelivery whose insert
+    found the row being deleted waits for this transaction, then stores the row again."""
+    async with conn.transaction():
+        gone = await conn.fetchval(
+            "DELETE FROM messages WHERE message_id = $1 RETURNING 1", message_id
+        )
+        if gone is None:
+            return 0
+        await bury(conn, key, [message_id], now, None)
+    return 1
