@@ -170,7 +170,7 @@ class FailingExport:
 
 
 def test_an_export_that_cannot_start_is_a_503(source: AppClient) -> None:
-    source.store.lifecycle = FailingExport(source.store.lifecycle, 0)  # type: ignore[misc]
+    source.store.lifecycle = FailingExport(source.store.lifecycle, 0)  # type: ignore[assignment]
     response = source.get("/messages/export")
     assert response.status_code == 503
     assert response.headers["retry-after"] == "1"
@@ -181,7 +181,7 @@ def test_an_export_that_fails_midway_stops_and_says_so(
 ) -> None:
     client = make_client(lifecycle_settings("sqlite:///:memory:"))
     post_all(client, corpus(40))
-    client.store.lifecycle = FailingExport(client.store.lifecycle, 2)  # type: ignore[misc]
+    client.store.lifecycle = FailingExport(client.store.lifecycle, 2)  # type: ignore[assignment]
     capsys.readouterr()
     # The status is out, so the body stops short; the server then closes the connection
     # without the final chunk (uvicorn: "ASGI callable returned without completing

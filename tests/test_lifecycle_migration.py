@@ -21,8 +21,8 @@ ROWS = (
 )
 
 
-def old_rows() -> list[tuple[str, ...]]:
-    rows = []
+def old_rows() -> list[tuple[str | None, ...]]:
+    rows: list[tuple[str | None, ...]] = []
     for body in corpus(40):
         ts = body["ts"]
         fraction = ts[20:-1]
