@@ -30,7 +30,7 @@ REPLICAS ?= 3
 OPERATOR_PORT ?= 8001
 
 .PHONY: up down logs demo docker-smoke test test-fast lint soak run init-db bench bench-quick \
-	wrk clean up-postgres down-postgres drills lb-stats checkov
+	wrk clean up-postgres down-postgres drills lb-stats checkov backup restore bench-lifecycle
 
 # The Compose stack: a secret (exported, else .env, else a fresh one in .env), the image
 # built, the service started and waited for (bounded), then where to find it.
@@ -135,6 +135,13 @@ lb-stats:
 BENCH_ARGS ?= --passes 3 --million --scale-out
 bench: $(STAMP) wrk
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+	$(BIN)/python -m bench.lifecycle $(LIFECYCLE_BENCH_ARGS)
+
+# The data lifecycle alone (docs/lifecycle.md): export and import of a million messages,
+# a retention purge of half a million under load, the tombstone check's cost.
+LIFECYCLE_BENCH_ARGS ?= --passes 3
+bench-lifecycle: $(STAMP) wrk
+	$(BIN)/python -m bench.lifecycle $(LIFECYCLE_BENCH_ARGS)
 
 bench-quick: $(STAMP) wrk
 	$(BIN)/python -m bench.run --passes 1 --duration 3 --query-duration 2 --rows 20000
@@ -145,6 +152,30 @@ wrk:
 	  echo "installing wrk (Debian package)"; \
 	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -qq wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }; \
 	  else sudo apt-get install -y -qq wrk; fi; }
+
+# A consistent copy of the Compose stack's SQLite database, taken while it keeps
+# ingesting, in ./backups/ (docs/lifecycle.md). The container's root filesystem is
+# read-only, so the copy is made in the volume, copied out, then removed from it.
+BACKUP_DIR ?= backups
+backup:
+	@mkdir -p $(BACKUP_DIR)
+	@name=app-$$(date -u +%Y%m%dT%H%M%SZ).db; \
+	  docker compose exec -T api python -m app backup /data/backups/$$name && \
+	  docker compose cp api:/data/backups/$$name $(BACKUP_DIR)/$$name && \
+	  docker compose exec -T api rm -f /data/backups/$$name && \
+	  echo "backup: $(BACKUP_DIR)/$$name"
+
+# Puts a backup in place of the stack's database: the service is stopped for it, the
+# database it replaces stays in the volume (app.db.before-restore-<time>), and the
+# service is started again. `make restore BACKUP=backups/app-<time>.db`
+restore:
+	@test -n "$(BACKUP)" || { echo "usage: make restore BACKUP=backups/app-<time>.db" >&2; exit 2; }
+	docker compose stop api
+	docker compose cp $(BACKUP) api:/data/restore.db
+	docker compose run --rm --no-deps -T api restore /data/restore.db
+	docker compose run --rm --no-deps -T --entrypoint rm api -f /data/restore.db
+	docker compose start api
+	@./scripts/with-env ./scripts/wait-ready
 
 init-db: $(STAMP)
 	DATABASE_URL=$${DATABASE_URL:-sqlite:///./data/app.db} ./scripts/with-env $(BIN)/python -m app init-db

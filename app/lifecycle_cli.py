@@ -174,6 +174,20 @@ async def _import(settings: DatabaseSettings, source: BinaryIO, skip_invalid: bo
     read = invalid = 0
     stopped_at: int | None = None
     batch: list[ImportRow] = []
+    # One batch in the database while the next is read and checked: the two overlap.
+    # Batches commit without waiting for the disk, except the last, whose commit makes
+    # every one before it durable too: so one full batch is held back until the next
+    # line shows whether it is the last.
+    pending: asyncio.Future[ImportCounts] | None = None
+    held: list[ImportRow] = []
+
+    async def hand_over(rows: list[ImportRow], durable: bool) -> None:
+        nonlocal pending
+        if pending is not None:
+            counts.add(await pending)
+        pending = asyncio.ensure_future(store.lifecycle.import_rows(rows, durable=durable))
+        await asyncio.sleep(0)  # let it start (PostgreSQL: send it) before parsing on
+
     try:
         for number, raw in _numbered_lines(source):
             if not raw.strip():
@@ -193,10 +207,15 @@ async def _import(settings: DatabaseSettings, source: BinaryIO, skip_invalid: bo
                     break
                 continue
             if len(batch) == IMPORT_BATCH:
-                counts.add(await store.lifecycle.import_rows(batch))
-                batch = []
-        if batch:
-            counts.add(await store.lifecycle.import_rows(batch))
+                if held:
+                    await hand_over(held, durable=False)
+                held, batch = batch, []
+        if held and batch:
+            await hand_over(held, durable=False)
+        if batch or held:
+            await hand_over(batch or held, durable=True)
+        if pending is not None:
+            counts.add(await pending)
     except StorageUnavailable as exc:
         _summary(read, counts, invalid)
         return fail(f"import stopped, the database failed: {exc} (run it again: it is idempotent)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from datetime import timedelta
 
 from app.config import Settings
@@ -53,6 +54,7 @@ class Retention:
     async def run_once(self) -> tuple[int, int]:
         """Purge everything due now, then expire tombstones; (purged, expired)."""
         lifecycle = self.store.lifecycle
+        started = time.monotonic()
         purged = expired = 0
         if self.older_than is not None:
             while True:
@@ -70,5 +72,12 @@ class Retention:
                 break
             await asyncio.sleep(self.pause)
         if purged or expired:
-            logger.info("retention purge", extra={"purged": purged, "tombstones_expired": expired})
+            logger.info(
+                "retention purge",
+                extra={
+                    "purged": purged,
+                    "tombstones_expired": expired,
+                    "seconds": round(time.monotonic() - started, 3),
+                },
+            )
         return purged, expired

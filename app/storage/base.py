@@ -45,8 +45,12 @@ class Lifecycle(Protocol):
         rows of (message_id, from, to, ts, text, received_at)."""
         ...
 
-    async def import_rows(self, rows: Sequence[ImportRow]) -> ImportCounts:
-        """Store (message, received_at or None for now) unless already stored or erased."""
+    async def import_rows(self, rows: Sequence[ImportRow], *, durable: bool = True) -> ImportCounts:
+        """Store (message, received_at or None for now) unless already stored or erased.
+
+        durable=False commits without waiting for the disk: a later durable commit (the
+        last batch of an import) makes it durable too.
+        """
         ...
 
     async def is_tombstoned(self, message_id: str) -> bool: ...

@@ -144,7 +144,7 @@ async def purge_batch(
 
 
 async def import_batch(
-    conn: Connection, key: bytes, rows: Sequence[tuple[Row, str]]
+    conn: Connection, key: bytes, rows: Sequence[tuple[Row, str]], durable: bool
 ) -> ImportCounts:
     # In message_id order, like the webhook's batches, so that concurrent batches sharing
     # ids take their index locks in one order.
@@ -152,6 +152,10 @@ async def import_batch(
     hashes = [tombstone_hash(key, row[0]) for row, _ in ordered]
     columns = [list(column) for column in zip(*(row for row, _ in ordered), strict=True)]
     async with conn.transaction():
+        if not durable:
+            # The commit does not wait for the WAL flush; the next durable one's does,
+            # and it covers everything committed before it.
+            await conn.execute("SET LOCAL synchronous_commit = off")
         buried = int(await conn.fetchval(COUNT_TOMBSTONED, hashes))
         created = len(
             await conn.fetch(INSERT_MANY, *columns, hashes, [received for _, received in ordered])
@@ -283,12 +287,12 @@ class PostgresLifecycle:
                 return
             after = (rows[-1][-1], rows[-1][0])
 
-    async def import_rows(self, rows: Sequence[ImportRow]) -> ImportCounts:
+    async def import_rows(self, rows: Sequence[ImportRow], *, durable: bool = True) -> ImportCounts:
         now = self._now()
         prepared = [(message_row(message), received or now) for message, received in rows]
 
         async def run(conn: Connection) -> ImportCounts:
-            return await import_batch(conn, self._key, prepared)
+            return await import_batch(conn, self._key, prepared, durable)
 
         return await self._run(run, self._write_timeout)
 

@@ -30,7 +30,7 @@ from app.storage.lifecycle import (
     tombstone_hash,
 )
 from app.storage.rows import Clock, Row, format_instant, message_row
-from app.storage.sqlite_connection import rollback
+from app.storage.sqlite_connection import MAX_BATCH, rollback
 from app.storage.sqlite_reads import list_filters
 from app.storage.sqlite_writer import SearchIndexer, insert_group
 
@@ -55,14 +55,26 @@ ERASE_WINDOW = 20_000
 
 
 @contextmanager
-def write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    conn.execute("BEGIN IMMEDIATE")
+def write_transaction(conn: sqlite3.Connection, *, durable: bool = True) -> Iterator[None]:
+    """One write transaction; `durable=False` commits without an fsync of its own.
+
+    For what a crash may undo without harm (a purge batch runs again, and its tombstones
+    go with its deletes): the next durable commit's fsync of the log covers it, as for
+    the search index. The writer connection is FULL again afterwards.
+    """
+    if not durable:
+        conn.execute("PRAGMA synchronous = NORMAL")
     try:
-        yield
-        conn.execute("COMMIT")
-    except BaseException:
-        rollback(conn)
-        raise
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            conn.execute("COMMIT")
+        except BaseException:
+            rollback(conn)
+            raise
+    finally:
+        if not durable:
+            conn.execute("PRAGMA synchronous = FULL")
 
 
 def _bury(
@@ -144,7 +156,7 @@ def purge_batch(
 ) -> int:
     """Delete up to `limit` of the oldest messages received before `cutoff`; returns how
     many. Each leaves a tombstone until `expires` (None: no tombstone)."""
-    with write_transaction(conn):
+    with write_transaction(conn, durable=False):
         gone = conn.execute(
             "DELETE FROM messages WHERE rowid IN (SELECT rowid FROM messages"
             " WHERE created_at < ? ORDER BY created_at LIMIT ?) RETURNING message_id",
@@ -159,7 +171,7 @@ def purge_batch(
 
 
 def expire_tombstones(conn: sqlite3.Connection, now: str, limit: int) -> int:
-    with write_transaction(conn):
+    with write_transaction(conn, durable=False):
         cursor = conn.execute(
             "DELETE FROM tombstones WHERE hash IN (SELECT hash FROM tombstones"
             " WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?)",
@@ -173,24 +185,31 @@ def import_batch(
     indexer: SearchIndexer,
     key: bytes,
     rows: Sequence[tuple[Row, str]],
+    durable: bool,
 ) -> ImportCounts:
     """Insert (row, received_at) pairs unless already stored or tombstoned, in one
-    transaction, by the same statement as the webhook's inserts."""
+    transaction, by the same statement as the webhook's inserts (MAX_BATCH rows each)."""
     hashes = [tombstone_hash(key, row[0]) for row, _ in rows]
-    params = [
-        value
-        for (row, received), hashed in zip(rows, hashes, strict=True)
-        for value in (*row, received, hashed)
-    ]
-    with write_transaction(conn):
-        marks = ", ".join("?" * len(hashes))
-        buried = conn.execute(
-            f"SELECT count(*) FROM tombstones WHERE hash IN ({marks})", hashes
-        ).fetchone()[0]
-        cursor = conn.execute(insert_group(len(rows)), params)
-        created, last_rowid = cursor.rowcount, cursor.lastrowid or 0
-    if created > 0:
-        indexer.last_rowid = max(indexer.last_rowid, last_rowid)
+    created = buried = last_rowid = 0
+    with write_transaction(conn, durable=durable):
+        for start in range(0, len(rows), MAX_BATCH):
+            chunk = hashes[start : start + MAX_BATCH]
+            buried += conn.execute(
+                f"SELECT count(*) FROM tombstones WHERE hash IN ({', '.join('?' * len(chunk))})",
+                chunk,
+            ).fetchone()[0]
+            params = [
+                value
+                for (row, received), hashed in zip(
+                    rows[start : start + MAX_BATCH], chunk, strict=True
+                )
+                for value in (*row, received, hashed)
+            ]
+            cursor = conn.execute(insert_group(len(chunk)), params)
+            if cursor.rowcount > 0:
+                created += cursor.rowcount
+                last_rowid = max(last_rowid, cursor.lastrowid or 0)
+    indexer.last_rowid = max(indexer.last_rowid, last_rowid)
     return ImportCounts(created, len(rows) - created - buried, buried)
 
 
@@ -288,10 +307,10 @@ class SQLiteLifecycle:
                 return
             after = (rows[-1][-1], rows[-1][0])
 
-    async def import_rows(self, rows: Sequence[ImportRow]) -> ImportCounts:
+    async def import_rows(self, rows: Sequence[ImportRow], *, durable: bool = True) -> ImportCounts:
         search, key, now = self._search, self._key, self._now()
         prepared = [(message_row(message), received or now) for message, received in rows]
-        return await self._write(lambda conn: import_batch(conn, search, key, prepared))
+        return await self._write(lambda conn: import_batch(conn, search, key, prepared, durable))
 
     def _now(self) -> str:
         return format_instant(self._clock())
