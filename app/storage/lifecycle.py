@@ -131,5 +131,6 @@ def describe_invalid(exc: InvalidMessage) -> str:
     parts = []
     for error in exc.errors:
         loc = [str(part) for part in error["loc"] if part not in ("line", "body")]
-        parts.append(f"{'.'.join(loc) or 'line'}: {error['msg']}")
+        message = str(error["msg"]).removeprefix("Value error, ")
+        parts.append(f"{'.'.join(loc) or 'line'}: {message}")
     return "; ".join(parts)
