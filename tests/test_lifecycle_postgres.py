@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 
 from app.models import Message
+from app.storage import StorageUnavailable
 from app.storage.lifecycle import tombstone_hash
 from app.storage.postgres import PostgresStore
 from app.storage.postgres_lifecycle import PURGE_LOCK, erase_message
@@ -157,3 +158,24 @@ async def test_every_replica_hashes_with_the_one_key_in_the_database(url: str) -
     finally:
         for replica in replicas:
             await replica.close()
+
+
+async def test_an_erasure_that_cannot_lock_out_inserts_gives_up_in_bounded_time(
+    url: str, store: PostgresStore
+) -> None:
+    assert await store.insert(msg("m1"))
+    conn = await asyncpg.connect(url)
+    try:
+        stuck = conn.transaction()
+        await stuck.start()
+        # What a stuck insert holds: a share lock on tombstones, until it ends.
+        await conn.execute("SELECT 1 FROM tombstones LIMIT 1")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(StorageUnavailable):
+            await store.lifecycle.erase_message("m1")
+        assert loop.time() - started < 4
+        await stuck.rollback()
+    finally:
+        await conn.close()
+    assert (await store.lifecycle.erase_message("m1")).deleted == 1

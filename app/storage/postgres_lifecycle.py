@@ -1,22 +1,26 @@
 """The data lifecycle on PostgreSQL: the statements, and the transactions that use them.
 
-Why an erasure locks `messages` against inserts while it runs. An insert leaves out
-tombstoned ids with `NOT EXISTS` in its own statement, under READ COMMITTED, and an
-erasure deletes the row and writes its tombstone in one transaction. Without more, a
-redelivery whose statement took its snapshot before the erasure committed, and found the
-row being deleted, waits for the erasure, then sees the row gone and inserts it again:
-its NOT EXISTS looked at the old snapshot. So every transaction that deletes messages and
-writes tombstones starts with `LOCK TABLE messages IN SHARE ROW EXCLUSIVE MODE`: it waits
-for the inserts in flight to commit (it then deletes what they stored), and inserts that
-arrive meanwhile wait for it. PostgreSQL takes a statement's table locks before its
-snapshot, so those inserts see the tombstones once they run. The mode conflicts with
-itself, so erasures and purges also take turns, and never with readers. Ingest pauses for
-one transaction: one message, or one batch (tests/test_lifecycle_postgres.py holds the
-race open, with a variant without the lock that stores the row again).
+Why an erasure locks inserts out while it runs. An insert leaves out tombstoned ids with
+`NOT EXISTS` in its own statement, under READ COMMITTED, and an erasure deletes the row
+and writes its tombstone in one transaction. Without more, a redelivery whose statement
+took its snapshot before the erasure committed, and found the row being deleted, waits for
+the erasure, then sees the row gone and inserts it again: its NOT EXISTS looked at the old
+snapshot. So every transaction that deletes messages and writes tombstones starts with
+`LOCK TABLE tombstones IN ACCESS EXCLUSIVE MODE`. Every insert reads `tombstones`, so it
+holds ACCESS SHARE on it until it commits: the lock waits for the inserts in flight (the
+erasure then deletes what they stored), and inserts that arrive meanwhile wait for it.
+PostgreSQL takes a statement's table locks before its snapshot, so those inserts see the
+tombstones once they run. `tombstones`, not `messages`: every mode strong enough to hold
+inserts back on `messages` would also stop (and cancel) autovacuum there, which a purge
+needs most. Erasures and purges take turns; readers of messages are never held. Ingest
+pauses for one transaction, one message or one batch, and never more than LOCK_TIMEOUT
+(tests/test_lifecycle_postgres.py holds the race open, with a variant without the lock
+that stores the row again).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -57,7 +61,12 @@ class WithConnection(Protocol):
     ) -> Awaitable[T]: ...
 
 
-LOCK_OUT_INSERTS = "LOCK TABLE messages IN SHARE ROW EXCLUSIVE MODE"
+# Waiting longer for the lock would hold every insert queued behind it that long: an
+# erasure that cannot have it answers 503, a purge tries again next round.
+LOCK_TIMEOUT = "2s"
+# A number's erasure reads its candidates in one snapshot while it deletes them: bounded,
+# but generously (each delete has the write timeout of its own).
+NUMBER_TIMEOUT_SECONDS = 600.0
 # Any constant will do, as long as nothing else in the database takes this advisory lock.
 PURGE_LOCK = 0x5765_6268_6F6F_6B34  # "Webhook4"
 # A permanent tombstone (expires_at NULL) stays permanent; of two expiring ones, the
@@ -90,6 +99,12 @@ EXPIRE_TOMBSTONES = (
 COUNT_TOMBSTONED = "SELECT count(*) FROM tombstones WHERE hash = ANY($1::bytea[])"
 
 
+async def lock_out_inserts(conn: Connection) -> None:
+    """In the caller's transaction: no insert runs, or starts, until it ends."""
+    await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+    await conn.execute("LOCK TABLE tombstones IN ACCESS EXCLUSIVE MODE")
+
+
 async def bury(
     conn: Connection, key: bytes, ids: Sequence[str], now: str, expires: str | None
 ) -> int:
@@ -100,7 +115,7 @@ async def bury(
 async def erase_message(conn: Connection, key: bytes, message_id: str, now: str) -> int:
     """Delete one message and write its tombstone; 1 if it was there, else 0."""
     async with conn.transaction():
-        await conn.execute(LOCK_OUT_INSERTS)
+        await lock_out_inserts(conn)
         gone = await conn.fetchval(
             "DELETE FROM messages WHERE message_id = $1 RETURNING 1", message_id
         )
@@ -115,7 +130,7 @@ async def erase_ids_of_number(
 ) -> int:
     """Delete those of `ids` still from or to `msisdn`, and write their tombstones."""
     async with conn.transaction():
-        await conn.execute(LOCK_OUT_INSERTS)
+        await lock_out_inserts(conn)
         gone = [r[0] for r in await conn.fetch(DELETE_NUMBER_IDS, list(ids), msisdn)]
         await bury(conn, key, gone, now, None)
     return len(gone)
@@ -136,7 +151,7 @@ async def purge_batch(
     async with conn.transaction():
         if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", PURGE_LOCK):
             return 0
-        await conn.execute(LOCK_OUT_INSERTS)
+        await lock_out_inserts(conn)
         gone = [r[0] for r in await conn.fetch(PURGE_OLDEST, cutoff, limit)]
         if gone and expires is not None:
             await bury(conn, key, gone, now, expires)
@@ -235,6 +250,7 @@ class PostgresLifecycle:
 
         try:
             async with (
+                asyncio.timeout(NUMBER_TIMEOUT_SECONDS),
                 self._pool.acquire() as reader,
                 reader.transaction(isolation="repeatable_read", readonly=True),
             ):

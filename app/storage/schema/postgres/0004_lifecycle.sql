@@ -13,7 +13,7 @@ VALUES (1, decode(replace(gen_random_uuid()::TEXT || gen_random_uuid()::TEXT, '-
 
 -- One row per erased or purged message: the first 16 bytes of HMAC-SHA256(key,
 -- message_id). An insert of an id whose hash is here stores nothing (postgres_sql.py);
--- an erasure or a purge locks messages against inserts while it deletes and writes
+-- an erasure or a purge locks this table (so every insert) while it deletes and writes
 -- these, so no insert that started before can store the id again after it (see
 -- postgres_lifecycle.py). expires_at NULL: an erasure, kept for good.
 CREATE TABLE tombstones (
