@@ -1,7 +1,8 @@
 """`python -m app ...`: serve, init-db, sign, send, demo; export, import, backup, restore.
 
 Exit codes: 0 done; 1 the service answered, but not as expected (`send`: a status other
-than 2xx; `demo`: any step); 2 a usage or configuration error (a bad flag or URL, no
+than 2xx; `demo`: any step), or export, import, backup or restore was refused or failed
+(`import`: an invalid line); 2 a usage or configuration error (a bad flag or URL, no
 WEBHOOK_SECRET, an unreadable file); 3 the service could not be reached (refused, unknown
 host, no answer in time).
 """

@@ -161,7 +161,7 @@ class Settings(DatabaseSettings):
     retention_days: float | None = Field(default=None, gt=0, le=36500)
     # How long a purged message's tombstone refuses a redelivery of it.
     tombstone_days: float = Field(default=30.0, ge=0, le=36500)
-    retention_interval_seconds: float = Field(default=60.0, gt=0, le=86400)
+    retention_interval_seconds: float = Field(default=10.0, gt=0, le=86400)
     # `name:token,...`: who may erase. Unset: the erasure endpoints answer 404.
     admin_tokens: SecretStr | None = None
 

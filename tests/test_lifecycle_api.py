@@ -282,3 +282,14 @@ def test_read_endpoints_of_the_lifecycle_are_documented(client: AppClient) -> No
     paths = client.get("/openapi.json").json()["paths"]
     assert set(paths["/messages/{message_id}"]) == {"get", "delete"}
     assert "get" in paths["/messages/export"]
+
+
+def test_the_lifecycle_counters_exist_from_start_up(client: AppClient) -> None:
+    text = client.get("/metrics").text
+    for line in [
+        "webhook_messages_purged_total 0.0",
+        'webhook_messages_erased_total{kind="message"} 0.0',
+        'webhook_messages_erased_total{kind="number"} 0.0',
+        "webhook_tombstones_expired_total 0.0",
+    ]:
+        assert line in text.splitlines()

@@ -3,6 +3,7 @@ the tombstones it leaves and their expiry, on both backends."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -66,7 +67,9 @@ def without_received(body: dict[str, Any]) -> dict[str, Any]:
 def test_retention_purges_by_received_at_and_keeps_every_aggregate_exact(
     client: AppClient, settings: Settings, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(retention, "PURGE_BATCH", 7)  # many batches, a partial last one
+    # Many batches, and a partial last one, whatever the batches take.
+    monkeypatch.setattr(retention, "PURGE_BATCH_MIN", 7)
+    monkeypatch.setattr(retention, "PURGE_BATCH_MAX", 7)
     first, second, third = corpus(40, 1, "a"), corpus(40, 2, "b"), corpus(40, 3, "c")
     post_all(client, first)
     clock.advance(days=1)
@@ -174,3 +177,103 @@ def test_without_retention_days_nothing_is_purged(database_url: str, clock: Fake
         clock.advance(days=36500)
         assert run_retention(client, settings) == (0, 0)
         assert len(client.rows()) == 10
+
+
+def fts_check(client: AppClient) -> None:
+    """The search index holds exactly the indexed rows: FTS5's own check of its
+    structure, then no entry for a row that is gone and none missing for a row indexed."""
+    assert client.portal is not None
+
+    def check(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO messages_fts (messages_fts) VALUES ('integrity-check')")
+
+    client.portal.call(client.sqlite_store._write_call, check)
+    stale = client.rows(
+        "SELECT count(*) FROM messages_fts_docsize WHERE id NOT IN (SELECT rowid FROM messages)"
+    )
+    missing = client.rows(
+        "SELECT count(*) FROM messages WHERE text_folded IS NOT NULL"
+        " AND rowid <= (SELECT indexed_through FROM search_progress)"
+        " AND rowid NOT IN (SELECT id FROM messages_fts_docsize)"
+    )
+    assert (stale, missing) == ([(0,)], [(0,)])
+
+
+def indexed_rowids(client: AppClient, phrase: str) -> set[int]:
+    rows = client.rows(f"SELECT rowid FROM messages_fts WHERE messages_fts MATCH '\"{phrase}\"'")
+    return {row[0] for row in rows}
+
+
+def test_a_purge_leaves_its_search_entries_to_the_indexer(clock: FakeClock) -> None:
+    settings = lifecycle_settings("sqlite:///:memory:", retention_days=1)
+    for client in open_client(settings, clock):
+        client.sqlite_store._writer.search.automatic = False  # hold each state
+        post_all(client, corpus(80, 1, "a"))
+        clock.advance(days=2)
+        post_all(client, corpus(40, 2, "b"))
+        index_search(client)
+        fts_check(client)
+        assert run_retention(client, settings) == (80, 0)
+        # The entries wait; searches are exact meanwhile, and the index is stale.
+        assert client.rows("SELECT count(*) FROM search_garbage")[0][0] > 0
+        assert_exact(client)
+        with pytest.raises(AssertionError):
+            fts_check(client)
+        index_search(client)
+        assert client.rows("SELECT count(*) FROM search_garbage") == [(0,)]
+        fts_check(client)
+        assert_exact(client)
+
+
+def test_the_idle_writer_deletes_purged_entries_by_itself(clock: FakeClock) -> None:
+    settings = lifecycle_settings("sqlite:///:memory:", retention_days=1)
+    for client in open_client(settings, clock):
+        post_all(client, corpus(60))
+        index_search(client)
+        clock.advance(days=2)
+        assert run_retention(client, settings) == (60, 0)
+        deadline = time.monotonic() + 10
+        while client.rows("SELECT count(*) FROM search_garbage") != [(0,)]:
+            assert time.monotonic() < deadline, "the indexer never caught up"
+            time.sleep(0.05)
+        fts_check(client)
+
+
+def test_an_erasure_takes_the_text_out_of_the_index_at_once(clock: FakeClock) -> None:
+    settings = lifecycle_settings("sqlite:///:memory:")
+    for client in open_client(settings, clock):
+        client.sqlite_store._writer.search.automatic = False
+        post_all(client, [message(message_id="secret", text="my password is hunter2")])
+        post_all(client, corpus(20))
+        index_search(client)
+        (rowid,) = client.rows("SELECT rowid FROM messages WHERE message_id = 'secret'")[0]
+        assert rowid in indexed_rowids(client, "hunter2")
+        assert client.delete("/messages/secret", headers=ADMIN_HEADERS).status_code == 200
+        assert indexed_rowids(client, "hunter2") == set()
+        assert client.rows("SELECT count(*) FROM search_garbage") == [(0,)]
+        fts_check(client)
+
+
+def test_waiting_entries_never_meet_a_reused_rowid(clock: FakeClock) -> None:
+    # A purge leaves entries waiting; then every row left is erased, so SQLite hands the
+    # same rowids out again. The waiting entries must go before those rowids are indexed
+    # again, or deleting them later would take the new rows' entries with them.
+    settings = lifecycle_settings("sqlite:///:memory:", retention_days=1)
+    for client in open_client(settings, clock):
+        client.sqlite_store._writer.search.automatic = False
+        old = corpus(30, 1, "a")
+        post_all(client, old)
+        clock.advance(days=2)
+        post_all(client, corpus(10, 2, "b"))
+        index_search(client)
+        assert run_retention(client, settings) == (30, 0)
+        for (message_id,) in client.rows():
+            assert (
+                client.delete(f"/messages/{message_id}", headers=ADMIN_HEADERS).status_code == 200
+            )
+        assert client.rows("SELECT count(*) FROM search_garbage") == [(0,)]
+        post_all(client, [{**body, "message_id": "re-" + body["message_id"]} for body in old])
+        assert client.rows("SELECT min(rowid) FROM messages") == [(1,)]
+        index_search(client)
+        fts_check(client)
+        assert_exact(client)

@@ -20,9 +20,6 @@ from app.models import InvalidMessage, Message, instant_key, public_errors, read
 
 # 128 bits: no two ids meet by chance in any table this service will hold.
 TOMBSTONE_BYTES = 16
-# Rows a retention purge deletes per transaction: small enough that the inserts waiting
-# behind one batch wait a few milliseconds (bench/lifecycle.py measures it).
-PURGE_BATCH = 250
 # Rows per page of an export read, and per transaction of an import (on SQLite, inserts
 # of a running service wait for one import transaction: some 50-100 ms).
 EXPORT_PAGE = 1000

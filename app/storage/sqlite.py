@@ -197,10 +197,10 @@ class SQLiteStore:
         indexer = self._writer.search
 
         def run(conn: sqlite3.Connection) -> None:
-            remaining = indexer.backlog if limit is None else limit
-            while remaining > 0 and indexer.backlog > 0:
+            remaining = indexer.backlog + indexer.garbage if limit is None else limit
+            while remaining > 0 and indexer.has_work:
                 step = min(remaining, SEARCH_BATCH)
-                indexer.index_some(step)
+                indexer.work(step)
                 remaining -= step
 
         await self._write_call(run)

@@ -18,7 +18,6 @@ from typing import Any, Protocol, TypeVar
 
 from app.models import ListQuery
 from app.storage.lifecycle import (
-    ERASE_BATCH,
     EXPORT_COLUMNS,
     EXPORT_PAGE,
     Erasure,
@@ -49,9 +48,11 @@ _TOMBSTONE = (
     "INSERT INTO tombstones (hash, created_at, expires_at) VALUES (?, ?, ?)"
     " ON CONFLICT (hash) DO UPDATE SET expires_at = max(expires_at, excluded.expires_at)"
 )
-# Rows an erasure of a number reads per step, by rowid: the write lock is held for one
-# window at a time (a few ms), however big the table.
+# Rows an erasure of a number reads per step, by rowid, and deletes at most per step:
+# the write lock is held for one step at a time (some 20 ms: each erased row's search
+# entries go in the same transaction), however big the table.
 ERASE_WINDOW = 20_000
+ERASE_STEP = 100
 
 
 @contextmanager
@@ -124,7 +125,7 @@ def erase_number_step(
     after: int,
     now: str,
 ) -> tuple[int, int | None]:
-    """Erase up to ERASE_BATCH messages from or to `msisdn` among the ERASE_WINDOW rowids
+    """Erase up to ERASE_STEP messages from or to `msisdn` among the ERASE_WINDOW rowids
     after `after`; returns (deleted, where the next step starts, or None when done)."""
     with write_transaction(conn):
         last: int = conn.execute("SELECT coalesce(max(rowid), 0) FROM messages").fetchone()[0]
@@ -132,14 +133,14 @@ def erase_number_step(
         found = conn.execute(
             "SELECT rowid, message_id FROM messages WHERE rowid > ? AND rowid <= ?"
             " AND (from_msisdn = ? OR to_msisdn = ?) ORDER BY rowid LIMIT ?",
-            (after, end, msisdn, msisdn, ERASE_BATCH),
+            (after, end, msisdn, msisdn, ERASE_STEP),
         ).fetchall()
         if found:
             conn.executemany("DELETE FROM messages WHERE rowid = ?", [(r,) for r, _ in found])
             _bury(conn, key, [message_id for _, message_id in found], now, None)
         top = indexer.lower_watermark()
     indexer.settle(top)
-    if len(found) == ERASE_BATCH:
+    if len(found) == ERASE_STEP:
         return len(found), found[-1][0]
     return len(found), (end if end < last else None)
 
@@ -156,14 +157,26 @@ def purge_batch(
 ) -> int:
     """Delete up to `limit` of the oldest messages received before `cutoff`; returns how
     many. Each leaves a tombstone until `expires` (None: no tombstone)."""
+    # Most rounds find nothing due: one index probe, no write transaction.
+    if (
+        conn.execute("SELECT 1 FROM messages WHERE created_at < ? LIMIT 1", (cutoff,)).fetchone()
+        is None
+    ):
+        return 0
     with write_transaction(conn, durable=False):
+        # The index entries wait for the indexer (SearchIndexer): deleting them here
+        # would make each batch five times longer.
+        conn.execute("UPDATE search_progress SET defer_deletes = 1 WHERE id = 1")
         gone = conn.execute(
             "DELETE FROM messages WHERE rowid IN (SELECT rowid FROM messages"
-            " WHERE created_at < ? ORDER BY created_at LIMIT ?) RETURNING message_id",
+            " WHERE created_at < ? ORDER BY created_at LIMIT ?)"
+            " RETURNING rowid, message_id, text_folded",
             (cutoff, limit),
         ).fetchall()
+        conn.execute("UPDATE search_progress SET defer_deletes = 0 WHERE id = 1")
+        indexer.defer([(rowid, text) for rowid, _, text in gone])
         if gone and expires is not None:
-            _bury(conn, key, [message_id for (message_id,) in gone], now, expires)
+            _bury(conn, key, [message_id for _, message_id, _ in gone], now, expires)
         top = indexer.lower_watermark() if gone else None
     if top is not None:
         indexer.settle(top)
@@ -171,6 +184,11 @@ def purge_batch(
 
 
 def expire_tombstones(conn: sqlite3.Connection, now: str, limit: int) -> int:
+    due = conn.execute(
+        "SELECT 1 FROM tombstones WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT 1", (now,)
+    ).fetchone()
+    if due is None:
+        return 0
     with write_transaction(conn, durable=False):
         cursor = conn.execute(
             "DELETE FROM tombstones WHERE hash IN (SELECT hash FROM tombstones"

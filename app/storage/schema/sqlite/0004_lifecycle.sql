@@ -26,3 +26,24 @@ CREATE INDEX IF NOT EXISTS tombstones_by_expiry ON tombstones (expires_at)
 -- so the index grows at its end; an import of old rows lands in the middle, where it
 -- belongs.
 CREATE INDEX IF NOT EXISTS messages_by_received ON messages (created_at);
+
+-- A purge leaves its rows' search entries for the indexer to delete in its quiet moments
+-- (see SearchIndexer in sqlite_writer.py): the purge turns the delete trigger off for its
+-- own transaction (defer_deletes, set and cleared inside it, so nobody else ever sees it
+-- set) and queues the entries here instead. Erasures leave the trigger on: their text
+-- leaves the index in the same transaction.
+ALTER TABLE search_progress ADD COLUMN defer_deletes INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE IF NOT EXISTS search_garbage (
+  id          INTEGER PRIMARY KEY,
+  doc_rowid   INTEGER NOT NULL,
+  text_folded TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS search_garbage_by_doc ON search_garbage (doc_rowid);
+DROP TRIGGER IF EXISTS messages_fts_after_delete;
+CREATE TRIGGER messages_fts_after_delete AFTER DELETE ON messages
+WHEN OLD.text_folded IS NOT NULL
+ AND OLD.rowid <= (SELECT indexed_through FROM search_progress WHERE id = 1)
+ AND NOT (SELECT defer_deletes FROM search_progress WHERE id = 1) BEGIN
+  INSERT INTO messages_fts (messages_fts, rowid, text_folded)
+  VALUES ('delete', OLD.rowid, OLD.text_folded);
+END;
