@@ -3,11 +3,8 @@
 Every RETENTION_INTERVAL_SECONDS (and once at start-up) the task deletes the messages
 received more than RETENTION_DAYS ago, oldest first, a batch per transaction with a pause
 between transactions, so that inserts queued behind one batch wait for that batch alone;
-then the tombstones whose TOMBSTONE_DAYS have passed. The batch size follows how long
-batches take: halved when one takes more than BATCH_TARGET_SECONDS, doubled when one takes
-less than half of it, so a batch holds the writer about that long on any machine and
-under any load. On PostgreSQL one replica purges at a time (the others find the batch
-taken and wait for the next round).
+then the tombstones whose TOMBSTONE_DAYS have passed. On PostgreSQL one replica purges at
+a time (the others find the batch taken and wait for the next round).
 """
 
 from __future__ import annotations
@@ -23,12 +20,12 @@ from app.storage import MessageStore, StorageUnavailable
 
 logger = logging.getLogger("app.retention")
 
+# Rows per purge transaction. A deleted row costs its five index entries, its sender's
+# count and its tombstone, at random places in a big file: about 0.15 ms at a million
+# rows (bench/lifecycle.py), so a batch holds the writer some 15 ms.
+PURGE_BATCH = 100
 # Between two batches: long enough for the inserts that queued behind one to commit.
 BATCH_PAUSE_SECONDS = 0.02
-BATCH_TARGET_SECONDS = 0.015
-PURGE_BATCH_MIN = 20
-PURGE_BATCH_START = 100
-PURGE_BATCH_MAX = 2000
 TOMBSTONE_BATCH = 5000
 
 
@@ -41,7 +38,6 @@ class Retention:
         self.tombstone_for = timedelta(days=settings.tombstone_days)
         self.interval = settings.retention_interval_seconds
         self.pause = BATCH_PAUSE_SECONDS
-        self.batch = PURGE_BATCH_START
         self._failing = False
 
     async def run_forever(self) -> None:
@@ -65,18 +61,11 @@ class Retention:
         purged = expired = 0
         if self.older_than is not None:
             while True:
-                asked = self.batch = min(max(self.batch, PURGE_BATCH_MIN), PURGE_BATCH_MAX)
-                began = time.monotonic()
-                count = await lifecycle.purge(self.older_than, self.tombstone_for, asked)
-                took = time.monotonic() - began
+                count = await lifecycle.purge(self.older_than, self.tombstone_for, PURGE_BATCH)
                 purged += count
                 self.metrics.purged.inc(count)
-                if count < asked:
+                if count < PURGE_BATCH:
                     break
-                if took > BATCH_TARGET_SECONDS:
-                    self.batch = asked // 2
-                elif took < BATCH_TARGET_SECONDS / 2:
-                    self.batch = asked * 2
                 await asyncio.sleep(self.pause)
         while True:
             count = await lifecycle.expire_tombstones(TOMBSTONE_BATCH)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -314,6 +315,9 @@ def main() -> int:
     parser.add_argument("--baseline", help="a git ref whose service to measure beside this one")
     parser.add_argument("--no-postgres", action="store_true")
     parser.add_argument("--skip", default="", help="comma list: export,purge")
+    parser.add_argument(
+        "--prefilled", type=Path, help="a store bench.dataset.prefill_service made, to reuse"
+    )
     args = parser.parse_args()
     skip = set(args.skip.split(","))
     output = [
@@ -324,8 +328,15 @@ def main() -> int:
         workdir = Path(tmp)
         source = workdir / "million.db"
         started = time.monotonic()
-        prefill_service(source, args.rows)
-        output.append(f"prefilled {args.rows:,} messages in {time.monotonic() - started:.0f} s")
+        if args.prefilled:
+            shutil.copy(args.prefilled, source)
+            (args.rows,) = (
+                sqlite3.connect(source).execute("SELECT count(*) FROM messages").fetchone()
+            )
+            output.append(f"reused a prefilled store of {args.rows:,} messages")
+        else:
+            prefill_service(source, args.rows)
+            output.append(f"prefilled {args.rows:,} messages in {time.monotonic() - started:.0f} s")
         if "export" not in skip:
             output += ["", *run_export_import(args, workdir, source)]
         if "purge" not in skip:

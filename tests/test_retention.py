@@ -67,9 +67,7 @@ def without_received(body: dict[str, Any]) -> dict[str, Any]:
 def test_retention_purges_by_received_at_and_keeps_every_aggregate_exact(
     client: AppClient, settings: Settings, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Many batches, and a partial last one, whatever the batches take.
-    monkeypatch.setattr(retention, "PURGE_BATCH_MIN", 7)
-    monkeypatch.setattr(retention, "PURGE_BATCH_MAX", 7)
+    monkeypatch.setattr(retention, "PURGE_BATCH", 7)  # many batches, a partial last one
     first, second, third = corpus(40, 1, "a"), corpus(40, 2, "b"), corpus(40, 3, "c")
     post_all(client, first)
     clock.advance(days=1)

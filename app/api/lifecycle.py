@@ -55,7 +55,10 @@ ERASED: dict[int | str, dict[str, object]] = {
         "content": JSON_OBJECT,
     },
     401: {"description": "Missing or invalid admin token", "content": JSON_OBJECT},
-    404: {"description": "ADMIN_TOKENS is unset, or (by id) no such message"},
+    404: {
+        "description": "ADMIN_TOKENS is unset, or (by id) no such message",
+        "content": JSON_OBJECT,
+    },
     **UNAVAILABLE,
 }
 MessageId = Annotated[str, Path(description="The message_id; may contain '/'")]
