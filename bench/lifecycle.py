@@ -330,9 +330,8 @@ def main() -> int:
         started = time.monotonic()
         if args.prefilled:
             shutil.copy(args.prefilled, source)
-            (args.rows,) = (
-                sqlite3.connect(source).execute("SELECT count(*) FROM messages").fetchone()
-            )
+            with contextlib.closing(sqlite3.connect(source)) as conn:
+                (args.rows,) = conn.execute("SELECT count(*) FROM messages").fetchone()
             output.append(f"reused a prefilled store of {args.rows:,} messages")
         else:
             prefill_service(source, args.rows)
