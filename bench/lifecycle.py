@@ -336,13 +336,15 @@ def main() -> int:
         else:
             prefill_service(source, args.rows)
             output.append(f"prefilled {args.rows:,} messages in {time.monotonic() - started:.0f} s")
+        # Each part is printed as soon as it is measured: a long run that fails late still
+        # leaves what it measured.
+        print("\n".join(output), flush=True)
         if "export" not in skip:
-            output += ["", *run_export_import(args, workdir, source)]
+            print("\n".join(["", *run_export_import(args, workdir, source)]), flush=True)
         if "purge" not in skip:
-            output += ["", *run_purge(args, workdir, source)]
+            print("\n".join(["", *run_purge(args, workdir, source)]), flush=True)
         if args.baseline:
-            output += ["", *run_baseline(args, workdir)]
-    print("\n".join(output))
+            print("\n".join(["", *run_baseline(args, workdir)]), flush=True)
     return 0
 
 
