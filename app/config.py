@@ -4,21 +4,38 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from app.setting_values import (
+    SecretFileError,
+    SecretFiles,
+    parse_admin_tokens,
+    parse_allowed_hosts,
+    parse_tokens,
+)
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 WHSEC_PREFIX = "whsec_"
-# ADMIN_TOKENS: `name:token` entries; the name is what the audit line says, the token a
-# bearer token of RFC 6750's b64token characters, long enough not to be guessed.
-ADMIN_TOKEN_MIN_CHARS = 16
-_ADMIN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_B64TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
+# The Standard Webhooks specification's bounds on a whsec_ key, in bytes.
+WHSEC_MIN_BYTES = 24
+# Below these, start-up warns: a shared secret a person typed, a verify token guessable.
+SECRET_WARN_BYTES = 32
+VERIFY_TOKEN_WARN_CHARS = 16
+# Loopback by name and address, any port: what a browser on this machine sends when it
+# means this service, and never what a DNS-rebinding page sends.
+DEFAULT_ALLOWED_HOSTS = "localhost,127.0.0.1,[::1]"
 
 
 class ConfigError(Exception):
@@ -66,28 +83,20 @@ def standard_webhook_key(secret: str) -> bytes:
     return key
 
 
-def parse_admin_tokens(value: str) -> tuple[tuple[str, str], ...]:
-    """(name, token) pairs of `name:token,name:token`, or ValueError saying what is wrong
-    (never quoting a token)."""
-    pairs: list[tuple[str, str]] = []
-    for entry in value.split(","):
-        name, colon, token = entry.partition(":")
-        if not colon:
-            raise ValueError("each entry must be name:token (e.g. alice:<openssl rand -hex 32>)")
-        if _ADMIN_NAME.fullmatch(name) is None:
-            raise ValueError("a name may hold 1 to 64 letters, digits and ._-")
-        if any(name == known for known, _ in pairs):
-            raise ValueError(f"the name {name!r} appears twice")
-        if len(token) < ADMIN_TOKEN_MIN_CHARS:
-            raise ValueError(
-                f"the token of {name!r} needs at least {ADMIN_TOKEN_MIN_CHARS} characters"
-            )
-        if _B64TOKEN.fullmatch(token) is None:
-            raise ValueError(
-                f"the token of {name!r} may hold letters, digits and -._~+/ (then = padding)"
-            )
-        pairs.append((name, token))
-    return tuple(pairs)
+# The settings that may come from a file (NAME_FILE): every secret, and DATABASE_URL (it
+# holds a password). A new secret setting is added here.
+FILE_SETTINGS = frozenset(
+    {
+        "webhook_secret",
+        "webhook_secret_previous",
+        "whatsapp_app_secret",
+        "whatsapp_verify_token",
+        "read_tokens",
+        "metrics_token",
+        "admin_tokens",
+        "database_url",
+    }
+)
 
 
 def parse_database_url(url: str) -> DatabaseURL:
@@ -115,11 +124,25 @@ class DatabaseSettings(BaseSettings):
         env_prefix="", case_sensitive=False, extra="ignore", frozen=True
     )
 
-    database_url: str = "sqlite:///./data/app.db"
+    # Not in repr: a PostgreSQL URL carries a password.
+    database_url: str = Field(default="sqlite:///./data/app.db", repr=False)
     # PostgreSQL only: connections per process, and how long start-up waits for the
     # database to accept connections (compose may start the API first).
     database_pool_size: int = Field(default=10, ge=1, le=500)
     database_startup_timeout_seconds: float = Field(default=30.0, ge=0, le=600)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # No .env reading here: the scripts and Compose handle .env, the service reads
+        # only its environment (and the files it names).
+        return (init_settings, SecretFiles(settings_cls, FILE_SETTINGS), env_settings)
 
     @field_validator("database_url")
     @classmethod
@@ -157,6 +180,16 @@ class Settings(DatabaseSettings):
     http_max_head_bytes: int = Field(default=65536, ge=4096, le=16 * 1024 * 1024)
     http_head_timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
     http_body_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    # The console (app/static/console) at `/`, and how many refused deliveries it keeps.
+    console_enabled: bool = True
+    rejections_kept: int = Field(default=10_000, ge=1, le=1_000_000)
+    # How long a console sign-in lasts (app/session.py).
+    session_ttl_seconds: int = Field(default=12 * 3600, ge=60, le=30 * 86400)
+    # Read access (app/access.py, docs/security.md). Unset READ_TOKENS: reads are open.
+    read_tokens: SecretStr | None = None
+    metrics_token: SecretStr | None = None
+    allow_open_reads: bool = False
+    allowed_hosts: str = DEFAULT_ALLOWED_HOSTS
     # The data lifecycle (docs/lifecycle.md). Unset RETENTION_DAYS: messages are kept.
     retention_days: float | None = Field(default=None, gt=0, le=36500)
     # How long a purged message's tombstone refuses a redelivery of it.
@@ -169,6 +202,10 @@ class Settings(DatabaseSettings):
         "webhook_secret_previous",
         "whatsapp_app_secret",
         "whatsapp_verify_token",
+        "read_tokens",
+        "metrics_token",
+        "allow_open_reads",
+        "allowed_hosts",
         "retention_days",
         "tombstone_days",
         "retention_interval_seconds",
@@ -180,22 +217,43 @@ class Settings(DatabaseSettings):
         # Compose passes an unset variable as "", which means "not configured".
         if value != "":
             return value
-        return cls.model_fields[info.field_name or ""].get_default()
+        field = cls.model_fields[info.field_name or ""]
+        return field.get_default()
 
     @field_validator(
         "webhook_secret", "webhook_secret_previous", "whatsapp_app_secret", "whatsapp_verify_token"
     )
     @classmethod
     def _secret_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and not value.get_secret_value().strip():
+        if value is None:
+            return value
+        secret = value.get_secret_value()
+        if not secret.strip():
             raise ValueError("must be a non-empty string")
+        if secret != secret.strip():
+            raise ValueError(
+                "must not start or end with whitespace (a stray space or newline from copying it?)"
+            )
         return value
 
     @field_validator("webhook_secret", "webhook_secret_previous")
     @classmethod
     def _whsec_is_base64(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
-            standard_webhook_key(value.get_secret_value())
+            secret = value.get_secret_value()
+            key = standard_webhook_key(secret)
+            if secret.startswith(WHSEC_PREFIX) and len(key) < WHSEC_MIN_BYTES:
+                raise ValueError(
+                    f"a whsec_ key must decode to at least {WHSEC_MIN_BYTES} bytes"
+                    " (the Standard Webhooks minimum)"
+                )
+        return value
+
+    @field_validator("read_tokens", "metrics_token")
+    @classmethod
+    def _tokens_well_formed(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_tokens(value.get_secret_value())
         return value
 
     @field_validator("admin_tokens")
@@ -204,6 +262,24 @@ class Settings(DatabaseSettings):
         if value is not None:
             parse_admin_tokens(value.get_secret_value())
         return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts_well_formed(cls, value: str) -> str:
+        parse_allowed_hosts(value)
+        return value
+
+    @model_validator(mode="after")
+    def _public_url_needs_read_tokens(self) -> Settings:
+        # The WhatsApp endpoint must be reachable from Meta, and everything else on the
+        # same listener with it: open reads there are a decision, never a default.
+        if self.whatsapp_enabled and self.read_tokens is None and not self.allow_open_reads:
+            raise ValueError(
+                "READ_TOKENS: must be set when the WhatsApp endpoint is enabled (it needs a"
+                " public URL, and /messages shares it); set ALLOW_OPEN_READS=true to serve"
+                " reads to anyone instead"
+            )
+        return self
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -226,15 +302,60 @@ class Settings(DatabaseSettings):
             if secret is not None
         )
 
+    @property
+    def whatsapp_enabled(self) -> bool:
+        return self.whatsapp_app_secret is not None and self.whatsapp_verify_token is not None
+
+    def read_token_list(self) -> tuple[str, ...]:
+        """The accepted read tokens; empty when READ_TOKENS is unset (reads are open)."""
+        return () if self.read_tokens is None else parse_tokens(self.read_tokens.get_secret_value())
+
+    def metrics_token_list(self) -> tuple[str, ...]:
+        if self.metrics_token is None:
+            return ()
+        return parse_tokens(self.metrics_token.get_secret_value())
+
     def admin_credentials(self) -> tuple[tuple[str, str], ...]:
         """(name, token) of every admin token; empty when ADMIN_TOKENS is unset."""
         if self.admin_tokens is None:
             return ()
         return parse_admin_tokens(self.admin_tokens.get_secret_value())
 
-    @property
-    def whatsapp_enabled(self) -> bool:
-        return self.whatsapp_app_secret is not None and self.whatsapp_verify_token is not None
+    def allowed_host_names(self) -> frozenset[str] | None:
+        """The hosts requests may name (lower case, IPv6 in brackets); None: any."""
+        return parse_allowed_hosts(self.allowed_hosts)
+
+    def weak_secrets(self) -> list[tuple[str, str]]:
+        """(variable, why) for each secret that works but is weaker than it should be.
+
+        Never the value, nor its length: only the rule it falls short of.
+        """
+        found = []
+        for name in ("webhook_secret", "webhook_secret_previous", "whatsapp_app_secret"):
+            secret: SecretStr | None = getattr(self, name)
+            if secret is None:
+                continue
+            value = secret.get_secret_value()
+            # A whsec_ key is random by construction, and at least 24 bytes (checked above).
+            if not value.startswith(WHSEC_PREFIX) and len(value.encode()) < SECRET_WARN_BYTES:
+                found.append(
+                    (
+                        name.upper(),
+                        f"shorter than {SECRET_WARN_BYTES} bytes: a short shared secret can"
+                        " be recovered offline from one signed request; use e.g."
+                        " openssl rand -hex 32",
+                    )
+                )
+        token = self.whatsapp_verify_token
+        if token is not None and len(token.get_secret_value()) < VERIFY_TOKEN_WARN_CHARS:
+            found.append(
+                (
+                    "WHATSAPP_VERIFY_TOKEN",
+                    f"shorter than {VERIFY_TOKEN_WARN_CHARS} characters: anyone who guesses it"
+                    " can subscribe; use e.g. openssl rand -hex 16",
+                )
+            )
+        return found
 
 
 def load_settings() -> Settings:
@@ -243,6 +364,8 @@ def load_settings() -> Settings:
         return Settings()  # the values come from the environment
     except ValidationError as exc:
         raise ConfigError(describe_errors(exc)) from None
+    except SecretFileError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None
 
 
 def load_database_settings() -> DatabaseSettings:
@@ -251,13 +374,15 @@ def load_database_settings() -> DatabaseSettings:
         return DatabaseSettings()
     except ValidationError as exc:
         raise ConfigError(describe_errors(exc)) from None
+    except SecretFileError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None
 
 
 def describe_errors(exc: ValidationError) -> str:
     problems = []
     for error in exc.errors(include_input=False, include_url=False):
-        variable = str(error["loc"][0]).upper() if error["loc"] else "settings"
         message = "is required but not set" if error["type"] == "missing" else error["msg"]
         message = message.removeprefix("Value error, ")
-        problems.append(f"{variable}: {message}")
+        # A rule across settings names its variables in its own message.
+        problems.append(f"{str(error['loc'][0]).upper()}: {message}" if error["loc"] else message)
     return "invalid configuration: " + "; ".join(problems)

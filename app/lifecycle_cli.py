@@ -64,16 +64,20 @@ def database_settings() -> DatabaseSettings | None:
         return None
 
 
-def export(sender: str | None, since: str | None, q: str | None) -> int:
+def export(
+    sender: str | None, recipient: str | None, since: str | None, until: str | None, q: str | None
+) -> int:
     """Write every matching message to stdout as NDJSON, from one snapshot."""
     try:
         query = ListQuery(
             sender=None if sender is None else check_msisdn(sender),
+            recipient=None if recipient is None else check_msisdn(recipient),
             since_key=None if since is None else instant_key(since),
+            until_key=None if until is None else instant_key(until),
             q=q or None,
         )
     except ValueError as exc:
-        return fail(f"--from or --since {exc}", EXIT_USAGE)
+        return fail(f"--from, --to, --since or --until {exc}", EXIT_USAGE)
     settings = database_settings()
     if settings is None:
         return EXIT_USAGE

@@ -31,6 +31,20 @@ WEBHOOK_RESULTS = (
     "client_disconnected",
 )
 SIGNATURE_KEYS = ("current", "previous")
+# Why a delivery to /webhook or /webhook/whatsapp was refused (or, for `conflict`,
+# accepted but found to reuse a message_id with different content): see app/rejections.py.
+REJECTION_REASONS = (
+    "missing_signature",
+    "malformed_signature",
+    "no_key_matched",
+    "timestamp_too_old",
+    "timestamp_in_future",
+    "body_too_large",
+    "unsupported_media_type",
+    "invalid_json",
+    "invalid_field",
+    "conflict",
+)
 WHATSAPP_RESULTS = (
     "accepted",
     "invalid_signature",
@@ -43,6 +57,8 @@ WHATSAPP_MESSAGE_RESULTS = ("created", "duplicate", "invalid")
 ERASURE_KINDS = ("message", "number")
 # Meta's status values; anything else (a new one, a malformed one) counts as "other".
 WHATSAPP_STATUSES = ("sent", "delivered", "read", "failed", "other")
+# Requests refused before any route saw them (app/access.py's results).
+REFUSAL_REASONS = ("invalid_host", "missing_token", "invalid_token")
 # The label for requests that matched no route: a scanner must not grow the label set.
 UNMATCHED_PATH = "unmatched"
 LATENCY_BUCKETS_MS = (0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
@@ -64,6 +80,9 @@ class _RequestCounts(Collector):
         self.requests: dict[tuple[str, int], int] = {}
         self.results = dict.fromkeys(WEBHOOK_RESULTS, 0)
         self.keys = [0] * len(SIGNATURE_KEYS)
+        self.rejections = dict.fromkeys(REJECTION_REASONS, 0)
+        self.rejections_dropped = 0
+        self.refusals = dict.fromkeys(REFUSAL_REASONS, 0)
         # Per bucket, not cumulative: observing adds to one; the +Inf bucket is last.
         self.latency_counts = [0] * (len(LATENCY_BUCKETS_MS) + 1)
         self.latency_sum = 0.0
@@ -121,6 +140,28 @@ class _RequestCounts(Collector):
         for key, count in zip(SIGNATURE_KEYS, self.keys, strict=True):
             keys.add_metric([key], count)
         yield keys
+        rejections = CounterMetricFamily(
+            "webhook_rejections",
+            "Refused deliveries to /webhook and /webhook/whatsapp by reason (conflict:"
+            " a message_id reused with different content, still answered 200).",
+            labels=["reason"],
+        )
+        for reason, count in self.rejections.items():
+            rejections.add_metric([reason], count)
+        yield rejections
+        yield CounterMetricFamily(
+            "webhook_rejections_dropped",
+            "Rejections left out of the stored list: the queue was full, or the write failed.",
+            value=self.rejections_dropped,
+        )
+        refusals = CounterMetricFamily(
+            "access_refusals",
+            "Requests refused before routing: a Host not allowed, a missing or invalid token.",
+            labels=["reason"],
+        )
+        for reason, count in self.refusals.items():
+            refusals.add_metric([reason], count)
+        yield refusals
 
 
 class Metrics:
@@ -203,6 +244,15 @@ class Metrics:
     def signature_key(self, index: int) -> None:
         """Count a delivery verified by key `index` (0: current, 1: previous)."""
         self._counts.keys[min(index, len(SIGNATURE_KEYS) - 1)] += 1
+
+    def rejection(self, reason: str) -> None:
+        self._counts.rejections[reason] += 1
+
+    def rejections_dropped(self, count: int = 1) -> None:
+        self._counts.rejections_dropped += count
+
+    def refusal(self, reason: str) -> None:
+        self._counts.refusals[reason] += 1
 
     def whatsapp(self, result: str) -> None:
         self.whatsapp_requests.labels(result=result).inc()

@@ -88,6 +88,9 @@ def test_export_is_every_message_in_listing_order_with_received_at(source: AppCl
         {"q": "STRASSE", "from": SENDERS[2]},
         {"q": "%"},
         {"q": "", "since": "2029-12-01T00:00:00.5Z"},
+        {"to": SENDERS[1]},
+        {"until": "2029-12-01T12:00:00Z", "to": SENDERS[0]},
+        {"since": "2029-11-30T00:00:00Z", "until": "2029-12-01T00:00:00Z", "q": "ok"},
     ],
 )
 def test_export_takes_the_filters_of_messages(source: AppClient, params: dict[str, str]) -> None:

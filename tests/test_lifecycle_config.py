@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from app.config import ConfigError, load_settings, parse_admin_tokens
+from app.config import ConfigError, load_settings
+from app.setting_values import parse_admin_tokens
 
 TOKEN = "0123456789abcdef-secret"
 

@@ -68,8 +68,13 @@ async def postgres_before_lifecycle(url: str) -> None:
                 break
             await conn.execute(script)
             await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", version)
-        marks = ", ".join(f"${i}" for i in range(1, 9))
-        await conn.executemany(ROWS.format(marks), old_rows())
+        # Positions by hand: the column's default is one per transaction (docs/feed.md).
+        await conn.executemany(
+            ROWS.replace(", created_at)", ", created_at, position)").format(
+                ", ".join(f"${i}" for i in range(1, 10))
+            ),
+            [(*row, number) for number, row in enumerate(old_rows(), 1)],
+        )
     finally:
         await conn.close()
 

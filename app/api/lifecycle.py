@@ -34,13 +34,14 @@ from app.models import (
     MESSAGE_ID_MAX,
     NO_NUL_PATTERN,
     ListQuery,
+    StoredMessage,
     check_instant,
     check_msisdn,
     instant_key,
     no_nul,
 )
 from app.storage import StorageUnavailable
-from app.storage.lifecycle import StoredMessage, export_line
+from app.storage.lifecycle import export_line
 from app.storage.rows import Row
 
 logger = logging.getLogger("app.api")
@@ -92,10 +93,28 @@ async def export_messages(
         BeforeValidator(plus_for_space),
         optional(check_msisdn),
     ] = None,
+    recipient: Annotated[
+        str | None,
+        Query(
+            alias="to",
+            description="Exact recipient, E.164 (a leading space reads as '+')",
+            json_schema_extra={"pattern": SENDER_PATTERN},
+        ),
+        BeforeValidator(plus_for_space),
+        optional(check_msisdn),
+    ] = None,
     since: Annotated[
         str | None,
         Query(
             description="Only messages with ts >= since (ISO-8601 UTC, like ts)",
+            json_schema_extra={"pattern": INSTANT_PATTERN},
+        ),
+        optional(check_instant),
+    ] = None,
+    until: Annotated[
+        str | None,
+        Query(
+            description="Only messages with ts < until (exclusive; ISO-8601 UTC, like ts)",
             json_schema_extra={"pattern": INSTANT_PATTERN},
         ),
         optional(check_instant),
@@ -111,7 +130,11 @@ async def export_messages(
     ] = None,
 ) -> Response:
     query = ListQuery(
-        sender=sender, since_key=None if since is None else instant_key(since), q=q or None
+        sender=sender,
+        recipient=recipient,
+        since_key=None if since is None else instant_key(since),
+        until_key=None if until is None else instant_key(until),
+        q=q or None,
     )
     pages = aiter(store.lifecycle.export(query))
     # The first page before the answer: a database that is down gets a 503, not a 200

@@ -28,6 +28,7 @@ from app.api.deps import (
     ClientDisconnected,
     MetricsDep,
     PayloadTooLarge,
+    RecorderDep,
     SettingsDep,
     StoreDep,
     json_response,
@@ -37,6 +38,7 @@ from app.api.deps import (
 from app.metrics import Metrics
 from app.middleware import request_info
 from app.models import InvalidMessage, Message, read_json
+from app.rejections import FIELD_MAX, SIGNATURE_REASONS, declared_size, validation_reason
 from app.signature import MALFORMED, InvalidSignature, verify_hub_signature
 from app.storage import MessageStore, StorageUnavailable
 
@@ -247,20 +249,24 @@ async def verify_subscription(
     },
 )
 async def receive_batch(
-    request: Request, settings: SettingsDep, store: StoreDep, metrics: MetricsDep
+    request: Request,
+    settings: SettingsDep,
+    store: StoreDep,
+    metrics: MetricsDep,
+    recorder: RecorderDep,
 ) -> Response:
     secret = settings.whatsapp_app_secret
     if secret is None:
         return json_response(b'{"detail":"Not Found"}', 404)
-    info = request_info(request.scope)
+    scope = request.scope
+    info = request_info(scope)
+    declared = _content_length(request.headers.get("content-length"))
     try:
-        raw = await read_body(
-            request.receive,
-            _content_length(request.headers.get("content-length")),
-            settings.whatsapp_max_body_bytes,
-        )
+        raw = await read_body(request.receive, declared, settings.whatsapp_max_body_bytes)
     except PayloadTooLarge:
         metrics.whatsapp("payload_too_large")
+        size = declared_size(declared, settings.whatsapp_max_body_bytes)
+        recorder.refuse(scope, PATH, "body_too_large", size, request_id=info.request_id)
         # The rest of the body is never read, so the connection cannot be reused.
         return json_response(
             b'{"detail":"payload too large"}', 413, headers={"connection": "close"}
@@ -276,14 +282,18 @@ async def receive_batch(
         verify_hub_signature(
             raw, signatures[0] if signatures else None, [secret.get_secret_value().encode()]
         )
-    except InvalidSignature:
+    except InvalidSignature as exc:
         metrics.whatsapp("invalid_signature")
+        reason = SIGNATURE_REASONS[exc.reason]
+        recorder.refuse(scope, PATH, reason, len(raw), request_id=info.request_id)
         return json_response(b'{"detail":"invalid signature"}', 401)
 
     try:
         batch = parse_batch(raw)
     except InvalidMessage as exc:
         metrics.whatsapp("invalid_payload")
+        reason, field = validation_reason(exc)
+        recorder.refuse(scope, PATH, reason, len(raw), field=field, request_id=info.request_id)
         return json_response(exc.to_json(), 422)
 
     outcomes = await store_all(store, batch.messages)
@@ -306,6 +316,18 @@ async def receive_batch(
 
     # Counted once the batch is taken, so that a retried batch does not count them twice.
     record_skipped(batch, info.request_id, metrics)
+    for where, problem in batch.invalid:
+        recorder.refuse(
+            scope,
+            PATH,
+            "invalid_field",
+            len(raw),
+            field=skipped_field(where, problem),
+            request_id=info.request_id,
+        )
+    for message, outcome in zip(batch.messages, outcomes, strict=True):
+        if outcome is False:
+            recorder.check_duplicate(scope, PATH, message, len(raw), info.request_id)
     for status in batch.statuses:
         metrics.whatsapp_status(status)
     metrics.whatsapp("accepted")
@@ -321,6 +343,15 @@ async def receive_batch(
         },
     )
     return json_response(b'{"status":"ok"}')
+
+
+def skipped_field(where: str, problem: str) -> str:
+    """Where a skipped message's first problem is: `entry[0]...messages[2].from`.
+
+    A problem reads `field: why` (InvalidPart names fields, never values)."""
+    name, colon, _ = problem.partition(":")
+    field = f"{where}.{name}" if colon and " " not in name else where
+    return field[:FIELD_MAX]
 
 
 def _content_length(value: str | None) -> bytes | None:

@@ -6,8 +6,10 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 from typing import Protocol
 
-from app.models import ListQuery, Message, MessagePage, Stats
-from app.storage.lifecycle import Erasure, ImportCounts, ImportRow, StoredMessage
+from app.models import FeedQuery, ListQuery, Message, MessagePage, Stats, StoredMessage
+from app.records import ConversationPage, Refusal, RejectionPage, StoredContent, TimelineRange
+from app.storage.feed import FeedBatch, FeedSignal
+from app.storage.lifecycle import Erasure, ImportCounts, ImportRow
 from app.storage.rows import Row
 
 
@@ -67,6 +69,36 @@ class MessageStore(Protocol):
     async def list_messages(self, query: ListQuery) -> MessagePage: ...
 
     async def stats(self) -> Stats: ...
+
+    async def read_feed(self, query: FeedQuery) -> FeedBatch:
+        """Rows with position > query.after in position order, never one that could be
+        followed by a lower position later (docs/feed.md)."""
+        ...
+
+    @property
+    def feed_signal(self) -> FeedSignal:
+        """Notified on the event loop whenever rows may have become readable."""
+
+    async def conversations(self, limit: int, after: tuple[str, str] | None) -> ConversationPage:
+        """Senders, most recent last message first; `after` is the previous page's last
+        (last ts_key, last message_id)."""
+        ...
+
+    async def timeline(self, span: TimelineRange) -> dict[str, int]:
+        """Messages per bucket of `span` that has any, keyed like span.key()."""
+        ...
+
+    async def rejections(self, limit: int, before: int | None) -> RejectionPage:
+        """Refused deliveries, newest first, with ids below `before` if given."""
+        ...
+
+    async def record_rejections(self, refusals: Sequence[Refusal], keep: int) -> None:
+        """Append refusals, keeping only the newest `keep` rows."""
+        ...
+
+    async def stored_contents(self, ids: Sequence[str]) -> dict[str, StoredContent]:
+        """(from, to, ts_key, text) of the stored messages among `ids`, by id."""
+        ...
 
     async def ping(self) -> None:
         """Raise StorageUnavailable unless the database answers, has our schema and writes."""

@@ -16,7 +16,14 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_core import to_json
 
-from app.models import InvalidMessage, Message, instant_key, public_errors, read_json
+from app.models import (
+    InvalidMessage,
+    Message,
+    StoredMessage,
+    instant_key,
+    public_errors,
+    read_json,
+)
 
 # 128 bits: no two ids meet by chance in any table this service will hold.
 TOMBSTONE_BYTES = 16
@@ -56,12 +63,6 @@ class ImportCounts:
         self.created += other.created
         self.duplicate += other.duplicate
         self.tombstoned += other.tombstoned
-
-
-class StoredMessage(Message):
-    """A message as stored: what was posted, and when this service received it."""
-
-    received_at: str
 
 
 # (message_id, from, to, ts, text, created_at): what an export reads, in order.

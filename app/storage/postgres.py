@@ -28,8 +28,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
-from app.models import ListQuery, Message, MessagePage, SenderCount, Stats
+from app.models import FeedQuery, ListQuery, Message, MessagePage, SenderCount, Stats
+from app.records import ConversationPage, Refusal, RejectionPage, StoredContent, TimelineRange
+from app.storage import postgres_console as console
 from app.storage.base import StorageUnavailable
+from app.storage.feed import FeedBatch, FeedSignal
 from app.storage.lifecycle import tombstone_hash
 from app.storage.migrations import SCHEMA_VERSION
 from app.storage.postgres_connection import (
@@ -38,6 +41,7 @@ from app.storage.postgres_connection import (
     describe,
     migrate,
 )
+from app.storage.postgres_feed import FeedChannel, feed_batch, feed_statement
 from app.storage.postgres_lifecycle import LOAD_KEY, PostgresLifecycle
 from app.storage.postgres_sql import (
     CHECK_SCHEMA,
@@ -61,12 +65,12 @@ logger = logging.getLogger("app.storage")
 
 T = TypeVar("T")
 
+__all__ = ["PostgresStore", "migrate"]
+
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
 
     Connection = PoolConnectionProxy[asyncpg.Record]
-
-__all__ = ["PostgresStore", "migrate"]
 
 # What a row itself can cause (a value or a constraint the database refuses): that row
 # fails, the others in its batch are retried without it.
@@ -101,7 +105,12 @@ class PostgresStore:
             clock=clock,
             write_timeout=write_timeout,
             read_timeout=read_timeout,
+            on_import=self._announce,
         )
+        self.feed_signal = FeedSignal()
+        # Its own connection, beside the pool: LISTEN for the other replicas' commits and
+        # NOTIFY them of ours (app/storage/postgres_feed.py). Set by open().
+        self._feed_channel: FeedChannel | None = None
         self._write_timeout = write_timeout
         self._read_timeout = read_timeout
         # False after a failed write, True after a good one: readiness reads it.
@@ -146,6 +155,7 @@ class PostgresStore:
         store = cls(
             pool, write_timeout=write_timeout, read_timeout=read_timeout, key=key, clock=clock
         )
+        store._feed_channel = await FeedChannel.open(url, store.feed_signal)
         store._folder = asyncio.create_task(
             store._fold_forever(fold_interval), name="fold-message-counts"
         )
@@ -187,7 +197,7 @@ class PostgresStore:
 
         async def run(conn: Connection) -> set[str]:
             try:
-                records = await conn.fetch(INSERT_MANY, *columns, hashes, [now] * len(rows))
+                records = await self._insert_rows(conn, columns, hashes, now)
             except ROW_ERRORS as exc:
                 raise RowRejected(describe(exc)) from None
             return {record[0] for record in records}
@@ -210,12 +220,34 @@ class PostgresStore:
             _fail(batch, StorageUnavailable("insert failed"))
             return
         self._healthy = True
+        if created:
+            self._announce()
         for row, future in batch:
             # Only the first delivery of an id in this batch reports it as new.
             new = row[0] in created
             created.discard(row[0])
             if not future.done():
                 future.set_result(new)
+
+    async def _insert_rows(
+        self, conn: Connection, columns: list[list[Any]], hashes: list[bytes], now: str
+    ) -> list[asyncpg.Record]:
+        # One autocommit statement, hence one INSERT per transaction: the feed positions
+        # rely on it (app/storage/postgres_sql.py).
+        return list(await conn.fetch(INSERT_MANY, *columns, hashes, [now] * len(hashes)))
+
+    def _announce(self) -> None:
+        """Rows were committed: wake this replica's feed readers and the others'."""
+        if self._feed_channel is not None:
+            self._feed_channel.committed()
+
+    async def read_feed(self, query: FeedQuery) -> FeedBatch:
+        sql, args = feed_statement(query)
+
+        async def run(conn: Connection) -> list[asyncpg.Record]:
+            return list(await conn.fetch(sql, *args))
+
+        return feed_batch(await self._with_connection(run, self._read_timeout), query)
 
     async def list_messages(self, query: ListQuery) -> MessagePage:
         sql, args = list_statement(query)
@@ -242,6 +274,31 @@ class PostgresStore:
             messages_per_sender=[SenderCount(from_=sender, count=count) for sender, count in top],
             first_message_ts=record["first_ts"],
             last_message_ts=record["last_ts"],
+        )
+
+    async def conversations(self, limit: int, after: tuple[str, str] | None) -> ConversationPage:
+        return await self._with_connection(
+            lambda conn: console.conversations_page(conn, limit, after), self._read_timeout
+        )
+
+    async def timeline(self, span: TimelineRange) -> dict[str, int]:
+        return await self._with_connection(
+            lambda conn: console.timeline_counts(conn, span), self._read_timeout
+        )
+
+    async def rejections(self, limit: int, before: int | None) -> RejectionPage:
+        return await self._with_connection(
+            lambda conn: console.rejections_page(conn, limit, before), self._read_timeout
+        )
+
+    async def record_rejections(self, refusals: Sequence[Refusal], keep: int) -> None:
+        await self._with_connection(
+            lambda conn: console.write_rejections(conn, refusals, keep), self._write_timeout
+        )
+
+    async def stored_contents(self, ids: Sequence[str]) -> dict[str, StoredContent]:
+        return await self._with_connection(
+            lambda conn: console.stored_contents(conn, ids), self._read_timeout
         )
 
     async def ping(self) -> None:
@@ -279,6 +336,8 @@ class PostgresStore:
     async def close(self) -> None:
         if self._flushers:
             await asyncio.wait(self._flushers, timeout=self._write_timeout)
+        if self._feed_channel is not None:
+            await self._feed_channel.close()
         if self._folder is not None:
             self._folder.cancel()
             with contextlib.suppress(asyncio.CancelledError):

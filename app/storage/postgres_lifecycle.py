@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import asyncpg
 
-from app.models import ListQuery
+from app.models import ListQuery, StoredMessage
 from app.storage.base import StorageUnavailable
 from app.storage.lifecycle import (
     ERASE_BATCH,
@@ -36,7 +36,6 @@ from app.storage.lifecycle import (
     Erasure,
     ImportCounts,
     ImportRow,
-    StoredMessage,
     number_digest,
     stored_message,
     tombstone_hash,
@@ -211,9 +210,12 @@ class PostgresLifecycle:
         clock: Clock,
         write_timeout: float,
         read_timeout: float,
+        on_import: Callable[[], None],
     ) -> None:
         self._pool = pool
         self._run = with_connection
+        # Imported rows are feed rows too: their commit wakes the feed's readers.
+        self._on_import = on_import
         self._key = key
         self._clock = clock
         self._write_timeout = write_timeout
@@ -314,7 +316,10 @@ class PostgresLifecycle:
         async def run(conn: Connection) -> ImportCounts:
             return await import_batch(conn, self._key, prepared, durable)
 
-        return await self._run(run, self._write_timeout)
+        counts = await self._run(run, self._write_timeout)
+        if counts.created:
+            self._on_import()
+        return counts
 
     def _now(self) -> str:
         return format_instant(self._clock())

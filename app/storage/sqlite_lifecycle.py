@@ -16,14 +16,13 @@ from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Protocol, TypeVar
 
-from app.models import ListQuery
+from app.models import ListQuery, StoredMessage
 from app.storage.lifecycle import (
     EXPORT_COLUMNS,
     EXPORT_PAGE,
     Erasure,
     ImportCounts,
     ImportRow,
-    StoredMessage,
     number_digest,
     stored_message,
     tombstone_hash,
@@ -31,7 +30,8 @@ from app.storage.lifecycle import (
 from app.storage.rows import Clock, Row, format_instant, message_row
 from app.storage.sqlite_connection import MAX_BATCH, rollback
 from app.storage.sqlite_reads import list_filters
-from app.storage.sqlite_writer import SearchIndexer, insert_group
+from app.storage.sqlite_search import SearchIndexer
+from app.storage.sqlite_writer import Writer, insert_group
 
 T = TypeVar("T")
 
@@ -200,13 +200,19 @@ def expire_tombstones(conn: sqlite3.Connection, now: str, limit: int) -> int:
 
 def import_batch(
     conn: sqlite3.Connection,
-    indexer: SearchIndexer,
+    writer: Writer,
     key: bytes,
     rows: Sequence[tuple[Row, str]],
     durable: bool,
 ) -> ImportCounts:
     """Insert (row, received_at) pairs unless already stored or tombstoned, in one
-    transaction, by the same statement as the webhook's inserts (MAX_BATCH rows each)."""
+    transaction, by the same statement as the webhook's inserts (MAX_BATCH rows each).
+
+    Without a feed position: the messages_position_default trigger gives each row the
+    next one under the write lock, so they are in commit order even when this runs in
+    another process than the service (`python -m app import`), whose writer then starts
+    past them (docs/feed.md).
+    """
     hashes = [tombstone_hash(key, row[0]) for row, _ in rows]
     created = buried = last_rowid = 0
     with write_transaction(conn, durable=durable):
@@ -221,13 +227,17 @@ def import_batch(
                 for (row, received), hashed in zip(
                     rows[start : start + MAX_BATCH], chunk, strict=True
                 )
-                for value in (*row, received, hashed)
+                for value in (*row, received, None, hashed)
             ]
             cursor = conn.execute(insert_group(len(chunk)), params)
             if cursor.rowcount > 0:
                 created += cursor.rowcount
                 last_rowid = max(last_rowid, cursor.lastrowid or 0)
-    indexer.last_rowid = max(indexer.last_rowid, last_rowid)
+        top = conn.execute("SELECT coalesce(max(position), 0) FROM messages").fetchone()[0]
+    writer.search.last_rowid = max(writer.search.last_rowid, last_rowid)
+    if created:
+        writer.next_position = max(writer.next_position, top + 1)
+        writer.announce(top)
     return ImportCounts(created, len(rows) - created - buried, buried)
 
 
@@ -266,11 +276,12 @@ class SQLiteLifecycle:
     """The store's lifecycle operations (MessageStore.lifecycle) on SQLite."""
 
     def __init__(
-        self, read: RunOn, write: RunOn, search: SearchIndexer, *, key: bytes, clock: Clock
+        self, read: RunOn, write: RunOn, writer: Writer, *, key: bytes, clock: Clock
     ) -> None:
         self._read = read
         self._write = write
-        self._search = search
+        self._writer = writer
+        self._search = writer.search
         self._key = key
         self._clock = clock
 
@@ -326,9 +337,9 @@ class SQLiteLifecycle:
             after = (rows[-1][-1], rows[-1][0])
 
     async def import_rows(self, rows: Sequence[ImportRow], *, durable: bool = True) -> ImportCounts:
-        search, key, now = self._search, self._key, self._now()
+        writer, key, now = self._writer, self._key, self._now()
         prepared = [(message_row(message), received or now) for message, received in rows]
-        return await self._write(lambda conn: import_batch(conn, search, key, prepared, durable))
+        return await self._write(lambda conn: import_batch(conn, writer, key, prepared, durable))
 
     def _now(self) -> str:
         return format_instant(self._clock())

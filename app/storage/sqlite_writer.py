@@ -16,27 +16,27 @@ import logging
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from app.storage.base import StorageUnavailable
 from app.storage.lifecycle import tombstone_hash
 from app.storage.rows import Clock, Row, format_instant
-from app.storage.sqlite_connection import MAX_BATCH, describe_sqlite_error, rollback
+from app.storage.sqlite_connection import MAX_BATCH, describe_sqlite_error
+from app.storage.sqlite_search import SearchIndexer
 
 logger = logging.getLogger("app.storage")
 
 # Search indexing (see SearchIndexer): it runs once the writer has been idle for
 # SEARCH_IDLE_SECONDS, SEARCH_CHUNK rows per transaction; only past SEARCH_BACKLOG_MAX
-# unindexed rows does it also run between groups. SEARCH_BATCH: index_search()'s step.
+# unindexed rows does it also run between groups.
 SEARCH_IDLE_SECONDS = 0.05
 SEARCH_CHUNK = 500
 # A search scans the unindexed rows one by one: 100k of them take ~13 ms, so a search
 # stays under 20 ms however far behind the index is, and a burst of up to this many
 # messages is indexed after it rather than during it.
 SEARCH_BACKLOG_MAX = 100_000
-SEARCH_BATCH = 2000
 
 
 # A whole group in one statement, a VALUES row per message: each SQLite call from the
@@ -44,18 +44,18 @@ SEARCH_BATCH = 2000
 # statement per group instead of one per row is what lets the writer keep up. One text
 # per group size, each prepared once (the connection caches MAX_BATCH + 100 statements).
 # (Rows as one JSON array through json_each, one text for all sizes, cost SQLite 45%
-# more per row, parsing the JSON.) The ninth value of a row is its tombstone hash: an
+# more per row, parsing the JSON.) The tenth value of a row is its tombstone hash: an
 # erased or purged id is left out in the same statement, under the same write lock as
 # the insert, so no erasure can slip between the check and the write.
 @functools.lru_cache(maxsize=MAX_BATCH)
 def insert_group(rows: int) -> str:
     return (
         "INSERT INTO messages"
-        " (message_id, from_msisdn, to_msisdn, ts, text, ts_key, text_folded, created_at)"
-        " SELECT column1, column2, column3, column4, column5, column6, column7, column8"
-        " FROM (VALUES "
-        + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
-        + ") WHERE NOT EXISTS (SELECT 1 FROM tombstones WHERE hash = column9)"
+        " (message_id, from_msisdn, to_msisdn, ts, text, ts_key, text_folded, created_at,"
+        " position) SELECT column1, column2, column3, column4, column5, column6, column7,"
+        " column8, column9 FROM (VALUES "
+        + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
+        + ") WHERE NOT EXISTS (SELECT 1 FROM tombstones WHERE hash = column10)"
         " ON CONFLICT (message_id) DO NOTHING"
     )
 
@@ -82,6 +82,11 @@ class Call:
 
 STOP = object()
 Settlement = tuple[asyncio.Future[Any], Any, BaseException | None]
+# Where the next position starts: past every stored one and every deleted one.
+_NEXT_POSITION = (
+    "SELECT 1 + max(coalesce((SELECT max(position) FROM messages), 0),"
+    " (SELECT high_water FROM feed_state WHERE id = 1))"
+)
 
 
 class Writer(threading.Thread):
@@ -91,6 +96,7 @@ class Writer(threading.Thread):
         self,
         conn: sqlite3.Connection,
         loop: asyncio.AbstractEventLoop,
+        on_commit: Callable[[int], None] | None = None,
         *,
         key: bytes,
         clock: Clock,
@@ -100,6 +106,11 @@ class Writer(threading.Thread):
         self.loop = loop
         self.key = key
         self.clock = clock
+        # Feed positions come from this counter, in the order groups are committed: one
+        # writer, so commit order is position order (docs/feed.md). Called on the loop
+        # after each commit with the highest position that is now committed.
+        self.next_position: int = conn.execute(_NEXT_POSITION).fetchone()[0]
+        self.on_commit = on_commit
         self.search = SearchIndexer(conn)
         # Inserts arrive in lists: the event loop hands over everything that arrived in
         # one turn at once (see SQLiteStore.insert).
@@ -153,7 +164,14 @@ class Writer(threading.Thread):
         if not batch:
             return
         try:
-            created = self._insert_all(batch)
+            try:
+                created = self._insert_all(batch)
+            except sqlite3.IntegrityError as exc:
+                if "messages.position" not in str(exc):
+                    raise
+                # Another program inserted rows behind our back: start past them.
+                self.next_position = self.conn.execute(_NEXT_POSITION).fetchone()[0]
+                created = self._insert_all(batch)
         except sqlite3.OperationalError as exc:
             # Locked, full, read-only, I/O: the environment, not the rows. Fail them all.
             self.healthy = False
@@ -176,15 +194,21 @@ class Writer(threading.Thread):
         self.healthy = True
         self.committed.set()
         self._settle(
-            [(job.future, was_new, None) for job, was_new in zip(batch, created, strict=True)]
+            [(job.future, was_new, None) for job, was_new in zip(batch, created, strict=True)],
+            committed=self.next_position - 1 if any(created) else None,
         )
 
     def _insert_all(self, batch: list[Insert]) -> list[bool]:
         conn = self.conn
         now = format_instant(self.clock())
         key = self.key
+        first = self.next_position
+        # Taken whether or not the statement commits: a gap, never a reuse.
+        self.next_position = first + len(batch)
         params = [
-            value for job in batch for value in (*job.row, now, tombstone_hash(key, job.row[0]))
+            value
+            for position, job in enumerate(batch, first)
+            for value in (*job.row, now, position, tombstone_hash(key, job.row[0]))
         ]
         # One statement outside any BEGIN: SQLite runs it as its own transaction, takes
         # the write lock first and commits (fsync'd) before it returns. One call means
@@ -218,156 +242,22 @@ class Writer(threading.Thread):
             self.committed.set()
             self._settle([(job.future, result, None)])
 
-    def _settle(self, settlements: list[Settlement]) -> None:
+    def announce(self, position: int) -> None:
+        """From a call that inserted rows: positions up to `position` are committed."""
+        self._settle([], committed=position)
+
+    def _settle(self, settlements: list[Settlement], committed: int | None = None) -> None:
         # One wake-up of the event loop per group, not one per request.
         # RuntimeError: the loop is closed, so nobody is waiting any more.
         with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(_settle_all, settlements)
+            self.loop.call_soon_threadsafe(_settle_all, settlements, committed, self.on_commit)
 
 
-class SearchIndexer:
-    """Keeps messages_fts behind the inserts, in batches, on the writer's connection.
-
-    Indexing happens in its own transactions with synchronous=NORMAL (no fsync of its
-    own): the index is derived data, and the next message commit's fsync covers it. A
-    crash can only lose the index and its watermark together.
-
-    Deleting a row from the index costs more than deleting the row (some 0.2 ms each:
-    FTS5 writes a segment of delete markers, then merges it), so a retention purge leaves
-    it for later: its rows' index entries wait in `search_garbage` and are deleted here,
-    in the same quiet moments as indexing. A search meanwhile stays exact: a stale entry
-    names a rowid that is gone (the join drops it) or, once reused, a row whose text is
-    checked anyway. An erasure deletes its rows' entries at once, in its own transaction.
-    """
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
-        # Whether the writer indexes by itself (tests turn it off to hold a state).
-        self.automatic = True
-        self.indexed_through = conn.execute(
-            "SELECT indexed_through FROM search_progress WHERE id = 1"
-        ).fetchone()[0]
-        self.last_rowid = conn.execute("SELECT coalesce(max(rowid), 0) FROM messages").fetchone()[0]
-        self.garbage = self._pending_garbage()
-
-    @property
-    def backlog(self) -> int:
-        return int(self.last_rowid - self.indexed_through)
-
-    @property
-    def has_work(self) -> bool:
-        return self.backlog > 0 or self.garbage > 0
-
-    def work(self, limit: int) -> None:
-        """One step of whatever is waiting: rows to index first, then stale entries."""
-        if self.backlog > 0:
-            self.index_some(limit)
-        elif self.garbage > 0:
-            self.collect_garbage(limit)
-
-    def _pending_garbage(self) -> int:
-        # Ids only grow and are deleted from the lowest: the span is the count.
-        first, last = self.conn.execute("SELECT min(id), max(id) FROM search_garbage").fetchone()
-        return 0 if first is None else int(last - first + 1)
-
-    def defer(self, deleted: Sequence[tuple[int, str | None]]) -> int:
-        """In a deleting transaction that held the index trigger off: queue the entries of
-        the deleted (rowid, text_folded) rows that the index holds; how many."""
-        cursor = self.conn.executemany(
-            "INSERT INTO search_garbage (doc_rowid, text_folded) SELECT ?, ?"
-            " WHERE ? <= (SELECT indexed_through FROM search_progress WHERE id = 1)",
-            [(rowid, text, rowid) for rowid, text in deleted if text is not None],
-        )
-        return max(cursor.rowcount, 0)
-
-    def lower_watermark(self) -> int:
-        """After deleting rows, in the deleting transaction: the newest rowid left.
-
-        SQLite gives a new row max(rowid) + 1, so once the newest rows are deleted their
-        rowids are given out again. The watermark comes down to the newest row left (all
-        rows up to it are still indexed), so that a row reusing a rowid gets indexed; and
-        stale entries of the rowids above it are deleted now, before one is reused.
-        Call settle() with the result once the transaction has committed.
-        """
-        conn = self.conn
-        top: int = conn.execute("SELECT coalesce(max(rowid), 0) FROM messages").fetchone()[0]
-        conn.execute(
-            "UPDATE search_progress SET indexed_through = ? WHERE id = 1 AND indexed_through > ?",
-            (top, top),
-        )
-        if conn.execute(
-            "SELECT 1 FROM search_garbage WHERE doc_rowid > ? LIMIT 1", (top,)
-        ).fetchone():
-            self._delete_entries("doc_rowid > ?", top)
-        return top
-
-    def settle(self, top: int) -> None:
-        self.indexed_through = min(self.indexed_through, top)
-        self.last_rowid = min(self.last_rowid, top)
-        self.garbage = self._pending_garbage()
-
-    def _delete_entries(self, where: str, value: int) -> None:
-        self.conn.execute(
-            "INSERT INTO messages_fts (messages_fts, rowid, text_folded)"
-            f" SELECT 'delete', doc_rowid, text_folded FROM search_garbage WHERE {where}"
-            " ORDER BY id",
-            (value,),
-        )
-        self.conn.execute(f"DELETE FROM search_garbage WHERE {where}", (value,))
-
-    def collect_garbage(self, limit: int = SEARCH_BATCH) -> None:
-        def step(conn: sqlite3.Connection) -> None:
-            upto = conn.execute(
-                "SELECT max(id) FROM (SELECT id FROM search_garbage ORDER BY id LIMIT ?)",
-                (limit,),
-            ).fetchone()[0]
-            if upto is not None:
-                self._delete_entries("id <= ?", upto)
-
-        if self._derived_transaction(step, "search cleanup failed"):
-            self.garbage = self._pending_garbage()
-
-    def index_some(self, limit: int = SEARCH_BATCH) -> None:
-        if self.backlog <= 0:
-            return
-        indexed: list[int | None] = [None]
-
-        def step(conn: sqlite3.Connection) -> None:
-            upto = conn.execute(
-                "SELECT max(rowid) FROM (SELECT rowid FROM messages WHERE rowid > ?"
-                " ORDER BY rowid LIMIT ?)",
-                (self.indexed_through, limit),
-            ).fetchone()[0]
-            if upto is not None:
-                conn.execute(
-                    "INSERT INTO messages_fts (rowid, text_folded) SELECT rowid, text_folded"
-                    " FROM messages WHERE rowid > ? AND rowid <= ? AND text_folded IS NOT NULL",
-                    (self.indexed_through, upto),
-                )
-                conn.execute("UPDATE search_progress SET indexed_through = ? WHERE id = 1", (upto,))
-            indexed[0] = upto
-
-        if self._derived_transaction(step, "search indexing failed"):
-            upto = indexed[0]
-            self.indexed_through = upto if upto is not None else self.last_rowid
-
-    def _derived_transaction(self, step: Callable[[sqlite3.Connection], None], failed: str) -> bool:
-        conn = self.conn
-        try:
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("BEGIN IMMEDIATE")
-            step(conn)
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            rollback(conn)
-            logger.warning(failed, extra={"error": describe_sqlite_error(exc)})
-            return False
-        finally:
-            conn.execute("PRAGMA synchronous = FULL")
-        return True
-
-
-def _settle_all(settlements: list[Settlement]) -> None:
+def _settle_all(
+    settlements: list[Settlement],
+    committed: int | None,
+    on_commit: Callable[[int], None] | None,
+) -> None:
     for future, result, error in settlements:
         if future.done():  # the request timed out or went away
             continue
@@ -375,3 +265,5 @@ def _settle_all(settlements: list[Settlement]) -> None:
             future.set_exception(error)
         else:
             future.set_result(result)
+    if committed is not None and on_commit is not None:
+        on_commit(committed)

@@ -135,6 +135,71 @@ def assert_exact(client: AppClient) -> None:
     since = "2029-12-02T12:00:00Z"
     expected = [row[0] for row in rows if row[5] >= instant_key(since)]
     assert all_pages(client, since=since) == (expected, len(expected))
+    assert_feed_exact(client)
+    assert_console_exact(client, rows)
+
+
+def assert_feed_exact(client: AppClient) -> None:
+    """The feed lists every stored row once, in position order, and nothing else."""
+    expected = [
+        (row[0], row[1])
+        for row in client.rows("SELECT message_id, position FROM messages ORDER BY position")
+    ]
+    seen: list[tuple[str, int]] = []
+    after = 0
+    while True:
+        page = client.get("/feed", params={"after": after, "limit": 1000}).json()
+        seen += [(item["message_id"], item["position"]) for item in page["data"]]
+        if not page["data"]:
+            break
+        after = page["next_after"]
+    assert seen == expected
+
+
+def assert_console_exact(client: AppClient, rows: list[tuple[Any, ...]]) -> None:
+    """/conversations and /stats/timeline agree with a recount of `rows` (stored())."""
+    senders: dict[str, list[tuple[Any, ...]]] = {}
+    for row in rows:  # in (ts_key, message_id) order
+        senders.setdefault(row[1], []).append(row)
+    expected = sorted(
+        (
+            {
+                "from": sender,
+                "count": len(own),
+                "first_ts": own[0][3],
+                "last_ts": own[-1][3],
+                "last_message": {
+                    "message_id": own[-1][0],
+                    "from": sender,
+                    "to": own[-1][2],
+                    "ts": own[-1][3],
+                    "text": own[-1][4],
+                },
+            }
+            for sender, own in senders.items()
+        ),
+        key=lambda c: (instant_key(c["last_ts"]), c["last_message"]["message_id"]),
+        reverse=True,
+    )
+    listed: list[dict[str, Any]] = []
+    params: dict[str, Any] = {"limit": 2}
+    while True:
+        page = client.get("/conversations", params=params).json()
+        listed += page["data"]
+        if page["next_cursor"] is None:
+            break
+        params["cursor"] = page["next_cursor"]
+    assert listed == expected
+    since, until = "2029-11-25T00:00:00Z", "2029-12-05T00:00:00Z"
+    days: dict[str, int] = {}
+    for row in rows:
+        if instant_key(since) <= row[5] < instant_key(until):
+            days[row[5][:10]] = days.get(row[5][:10], 0) + 1
+    timeline = client.get(
+        "/stats/timeline", params={"bucket": "day", "since": since, "until": until}
+    ).json()
+    assert {b["start"][:10]: b["count"] for b in timeline["data"] if b["count"]} == days
+    assert timeline["total"] == sum(days.values())
 
 
 def export_lines(client: AppClient, **params: str) -> list[dict[str, Any]]:
