@@ -293,3 +293,18 @@ def test_the_lifecycle_counters_exist_from_start_up(client: AppClient) -> None:
         "webhook_tombstones_expired_total 0.0",
     ]:
         assert line in text.splitlines()
+
+
+def test_an_erased_message_leaves_no_refused_delivery_behind(admin_client: AppClient) -> None:
+    admin_client.post_signed(message(message_id="m1", text="first"))
+    admin_client.post_signed(message(message_id="m1", text="second"))  # a conflict
+    admin_client.post_signed(message(message_id="m2", to=CAROL))
+    admin_client.post_signed(message(message_id="m2", to=CAROL, text="other"))
+    assert admin_client.portal is not None
+    recorder = admin_client.app_state["recorder"]
+    admin_client.portal.call(recorder.flush, admin_client.store)
+    assert sorted(admin_client.rows("SELECT message_id FROM rejections")) == [("m1",), ("m2",)]
+    assert admin_client.delete("/messages/m1", headers=ADMIN_HEADERS).status_code == 200
+    assert admin_client.rows("SELECT message_id FROM rejections") == [("m2",)]
+    assert admin_client.delete(f"/numbers/{CAROL}", headers=ADMIN_HEADERS).status_code == 200
+    assert admin_client.rows("SELECT message_id FROM rejections") == []

@@ -96,6 +96,8 @@ EXPIRE_TOMBSTONES = (
     "DELETE FROM tombstones WHERE hash IN (SELECT hash FROM tombstones"
     ' WHERE expires_at IS NOT NULL AND expires_at COLLATE "C" <= $1 LIMIT $2)'
 )
+# A refused delivery's row names its message_id (a conflict): erased with the message.
+FORGET_REJECTIONS = "DELETE FROM rejections WHERE message_id = ANY($1::text[])"
 COUNT_TOMBSTONED = "SELECT count(*) FROM tombstones WHERE hash = ANY($1::bytea[])"
 
 
@@ -122,6 +124,7 @@ async def erase_message(conn: Connection, key: bytes, message_id: str, now: str)
         if gone is None:
             return 0
         await bury(conn, key, [message_id], now, None)
+        await conn.execute(FORGET_REJECTIONS, [message_id])
     return 1
 
 
@@ -133,6 +136,7 @@ async def erase_ids_of_number(
         await lock_out_inserts(conn)
         gone = [r[0] for r in await conn.fetch(DELETE_NUMBER_IDS, list(ids), msisdn)]
         await bury(conn, key, gone, now, None)
+        await conn.execute(FORGET_REJECTIONS, gone)
     return len(gone)
 
 

@@ -85,6 +85,11 @@ def _bury(
     return len(ids)
 
 
+def _forget_rejections(conn: sqlite3.Connection, ids: Sequence[str]) -> None:
+    # A refused delivery's row names its message_id (a conflict): erased with the message.
+    conn.execute(f"DELETE FROM rejections WHERE message_id IN ({', '.join('?' * len(ids))})", ids)
+
+
 def load_key(conn: sqlite3.Connection) -> bytes:
     key: bytes = conn.execute("SELECT key FROM lifecycle_key WHERE id = 1").fetchone()[0]
     return key
@@ -112,6 +117,8 @@ def erase_message(
             "DELETE FROM messages WHERE message_id = ? RETURNING message_id", (message_id,)
         ).fetchall()
         buried = _bury(conn, key, [message_id], now, None) if gone else 0
+        if gone:
+            _forget_rejections(conn, [message_id])
         top = indexer.lower_watermark()
     indexer.settle(top)
     return Erasure(tombstone_hash(key, message_id).hex(), len(gone), buried)
@@ -138,6 +145,7 @@ def erase_number_step(
         if found:
             conn.executemany("DELETE FROM messages WHERE rowid = ?", [(r,) for r, _ in found])
             _bury(conn, key, [message_id for _, message_id in found], now, None)
+            _forget_rejections(conn, [message_id for _, message_id in found])
         top = indexer.lower_watermark()
     indexer.settle(top)
     if len(found) == ERASE_STEP:
