@@ -30,7 +30,8 @@ REPLICAS ?= 3
 OPERATOR_PORT ?= 8001
 
 .PHONY: up down logs demo docker-smoke test test-fast lint soak run init-db bench bench-quick \
-	bench-feed bench-console screenshots wrk clean up-postgres down-postgres drills lb-stats checkov
+	bench-feed bench-console screenshots wrk clean up-postgres down-postgres drills lb-stats checkov \
+	backup restore bench-lifecycle
 
 # The Compose stack: a secret (exported, else .env, else a fresh one in .env), a check
 # that a port published beyond loopback does not serve open reads (scripts/check-exposure),
@@ -142,6 +143,7 @@ bench: $(STAMP) wrk
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 	$(BIN)/python -m bench.feed $(FEED_ARGS)
 	$(BIN)/python -m bench.console
+	$(BIN)/python -m bench.lifecycle $(LIFECYCLE_BENCH_ARGS)
 
 # The feed section alone (docs/feed.md).
 bench-feed: $(STAMP)
@@ -151,6 +153,12 @@ bench-feed: $(STAMP)
 # of / in headless Chromium (docs/console.md).
 bench-console: $(STAMP) wrk
 	$(BIN)/python -m bench.console
+
+# The data lifecycle alone (docs/lifecycle.md): export and import of a million messages,
+# a retention purge of half a million under load, the tombstone check's cost.
+LIFECYCLE_BENCH_ARGS ?= --passes 3
+bench-lifecycle: $(STAMP) wrk
+	$(BIN)/python -m bench.lifecycle $(LIFECYCLE_BENCH_ARGS)
 
 bench-quick: $(STAMP) wrk
 	$(BIN)/python -m bench.run --passes 1 --duration 3 --query-duration 2 --rows 20000
@@ -165,6 +173,30 @@ wrk:
 # The console's screenshots in docs/images/, taken by its browser tests.
 screenshots: $(STAMP)
 	SCREENSHOTS_DIR=docs/images $(BIN)/pytest -q tests/test_console_browser.py -k screenshots
+
+# A consistent copy of the Compose stack's SQLite database, taken while it keeps
+# ingesting, in ./backups/ (docs/lifecycle.md). The container's root filesystem is
+# read-only, so the copy is made in the volume, copied out, then removed from it.
+BACKUP_DIR ?= backups
+backup:
+	@mkdir -p $(BACKUP_DIR)
+	@name=app-$$(date -u +%Y%m%dT%H%M%SZ).db; \
+	  docker compose exec -T api python -m app backup /data/backups/$$name && \
+	  docker compose cp api:/data/backups/$$name $(BACKUP_DIR)/$$name && \
+	  docker compose exec -T api rm -f /data/backups/$$name && \
+	  echo "backup: $(BACKUP_DIR)/$$name"
+
+# Puts a backup in place of the stack's database: the service is stopped for it, the
+# database it replaces stays in the volume (app.db.before-restore-<time>), and the
+# service is started again. `make restore BACKUP=backups/app-<time>.db`
+restore:
+	@test -n "$(BACKUP)" || { echo "usage: make restore BACKUP=backups/app-<time>.db" >&2; exit 2; }
+	docker compose stop api
+	docker compose cp $(BACKUP) api:/data/restore.db
+	docker compose run --rm --no-deps -T api restore /data/restore.db
+	docker compose run --rm --no-deps -T --entrypoint rm api -f /data/restore.db
+	docker compose start api
+	@./scripts/with-env ./scripts/wait-ready
 
 init-db: $(STAMP)
 	DATABASE_URL=$${DATABASE_URL:-sqlite:///./data/app.db} ./scripts/with-env $(BIN)/python -m app init-db

@@ -11,6 +11,12 @@ The rule, deny by default:
 - PUBLIC_PATHS need no credential: the senders' endpoints, the probes, and the console's
   page, files and sign-in (its data comes from the API, which needs one).
 - /metrics takes METRICS_TOKEN or a read token.
+- Erasure (DELETE under ADMIN_PREFIXES) is not a read: once ADMIN_TOKENS is set, it goes
+  on to its route, which checks the admin token itself (it needs the admin's name for the
+  audit line); a read token neither grants it nor is needed. Every DELETE route under
+  these prefixes takes app.api.admin.AdminDep (tests/test_lifecycle_access.py holds
+  every route to that). Without ADMIN_TOKENS those requests follow the read rule, like
+  any path that does not exist.
 - Every other path, present or future, known or not, takes a read credential once
   READ_TOKENS is set (401 rather than 404 for unknown paths: it reveals nothing). With
   READ_TOKENS unset, reads are open, as they have always been.
@@ -41,6 +47,8 @@ CONSOLE_PATHS = frozenset({"/", "/session"})
 PUBLIC_PATHS = frozenset({"/webhook", "/webhook/whatsapp", *PROBE_PATHS, *CONSOLE_PATHS})
 PUBLIC_PREFIXES: tuple[str, ...] = ("/static/",)
 METRICS_PATH = "/metrics"
+ADMIN_METHOD = "DELETE"
+ADMIN_PREFIXES = ("/messages/", "/numbers/")
 
 REALM = b'Bearer realm="webhook-receiver"'
 UNAUTHORIZED_BODY = b'{"detail":"missing or invalid bearer token"}'
@@ -158,15 +166,18 @@ def host_name(host: bytes) -> bytes | None:
 class AccessPolicy:
     """The rule above, for one app's settings."""
 
-    __slots__ = ("_default", "_hosts", "_rules", "hosts_allowed", "open_paths")
+    __slots__ = ("_admin", "_default", "_hosts", "_rules", "hosts_allowed", "open_paths")
 
     def __init__(
         self,
         hosts: HostAllowlist,
         read_credentials: Sequence[Credential],
         metrics_credentials: Sequence[Credential],
+        admin: bool = False,
     ) -> None:
         self._hosts = hosts
+        # Whether erasure is on (ADMIN_TOKENS set): its routes then check their own tokens.
+        self._admin = admin
         # The credentials a path accepts; an empty tuple is an open path.
         self._default = tuple(read_credentials)
         self._rules: dict[str, tuple[Credential, ...]] = dict.fromkeys(PUBLIC_PATHS, ())
@@ -187,6 +198,7 @@ class AccessPolicy:
             HostAllowlist(settings.allowed_host_names()),
             [read, session] if read else [],
             [metrics] if metrics else [],
+            admin=bool(settings.admin_credentials()),
         )
 
     @property
@@ -194,11 +206,13 @@ class AccessPolicy:
         return not self._default
 
     def refusal(
-        self, path: str, host: bytes | None, headers: Sequence[RawHeader]
+        self, path: str, host: bytes | None, headers: Sequence[RawHeader], method: str = "GET"
     ) -> Refusal | None:
         """None if the request may go on; else what to answer. `path` without root_path."""
         if not self._hosts.allows(host) and path not in PROBE_PATHS:
             return _BAD_HOST
+        if self._admin and method == ADMIN_METHOD and path.startswith(ADMIN_PREFIXES):
+            return None
         credentials = self._rules.get(path)
         if credentials is None:
             credentials = () if path.startswith(PUBLIC_PREFIXES) else self._default

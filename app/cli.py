@@ -1,7 +1,9 @@
-"""`python -m app ...`: serve, init-db, sign, send, demo, follow.
+"""`python -m app ...`: serve, init-db, sign, send, demo, follow; export, import, backup,
+restore.
 
 Exit codes: 0 done; 1 the service answered, but not as expected (`send`: a status other
-than 2xx; `demo`: any step); 2 a usage or configuration error (a bad flag or URL, no
+than 2xx; `demo`: any step), or export, import, backup or restore was refused or failed
+(`import`: an invalid line); 2 a usage or configuration error (a bad flag or URL, no
 WEBHOOK_SECRET, an unreadable file); 3 the service could not be reached (refused, unknown
 host, no answer in time).
 """
@@ -47,6 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_server(args.host, args.port)
     if args.command == "init-db":
         return init_db()
+    if args.command in LIFECYCLE_COMMANDS:
+        return run_lifecycle(args)
     if args.command == "sign":
         if args.standard_webhooks:
             return print_standard_headers(args.file, args.id, args.timestamp)
@@ -85,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
 
     commands.add_parser("init-db", help="create or upgrade the schema of DATABASE_URL")
+    add_lifecycle_commands(commands)
 
     sign_cmd = commands.add_parser(
         "sign", help="print the X-Signature of a body, keyed with WEBHOOK_SECRET"
@@ -189,6 +194,50 @@ def run_follow(client: Client, args: argparse.Namespace) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     return EXIT_OK
+
+
+LIFECYCLE_COMMANDS = ("export", "import", "backup", "restore")
+
+
+def add_lifecycle_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    export = commands.add_parser(
+        "export", help="write the messages of DATABASE_URL to stdout as NDJSON"
+    )
+    export.add_argument("--from", dest="sender", metavar="E164", help="only this sender")
+    export.add_argument("--to", dest="recipient", metavar="E164", help="only this recipient")
+    export.add_argument("--since", metavar="TS", help="only messages with ts >= TS")
+    export.add_argument("--until", metavar="TS", help="only messages with ts < TS")
+    export.add_argument("--q", metavar="TEXT", help="only texts containing TEXT (any case)")
+    import_cmd = commands.add_parser(
+        "import", help="store the messages of an export (idempotent; a summary at the end)"
+    )
+    import_cmd.add_argument("file", help="the NDJSON file ('-': stdin)")
+    import_cmd.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="report an invalid line and go on (default: stop at the first one)",
+    )
+    backup = commands.add_parser(
+        "backup", help="copy the live SQLite database to a new file, checked"
+    )
+    backup.add_argument("path", help="the backup file to create")
+    restore = commands.add_parser(
+        "restore", help="put a backup in place of the SQLite database (service stopped)"
+    )
+    restore.add_argument("path", help="the backup file")
+
+
+def run_lifecycle(args: argparse.Namespace) -> int:
+    # Imported here, like the server: the other commands need only the standard library.
+    from app import lifecycle_cli
+
+    if args.command == "export":
+        return lifecycle_cli.export(args.sender, args.recipient, args.since, args.until, args.q)
+    if args.command == "import":
+        return lifecycle_cli.import_(args.file, args.skip_invalid)
+    if args.command == "backup":
+        return lifecycle_cli.backup_(args.path)
+    return lifecycle_cli.restore_(args.path)
 
 
 _MISSING_KEY_HELP = (

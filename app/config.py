@@ -18,7 +18,13 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from app.setting_values import SecretFileError, SecretFiles, parse_allowed_hosts, parse_tokens
+from app.setting_values import (
+    SecretFileError,
+    SecretFiles,
+    parse_admin_tokens,
+    parse_allowed_hosts,
+    parse_tokens,
+)
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 WHSEC_PREFIX = "whsec_"
@@ -87,6 +93,7 @@ FILE_SETTINGS = frozenset(
         "whatsapp_verify_token",
         "read_tokens",
         "metrics_token",
+        "admin_tokens",
         "database_url",
     }
 )
@@ -183,6 +190,13 @@ class Settings(DatabaseSettings):
     metrics_token: SecretStr | None = None
     allow_open_reads: bool = False
     allowed_hosts: str = DEFAULT_ALLOWED_HOSTS
+    # The data lifecycle (docs/lifecycle.md). Unset RETENTION_DAYS: messages are kept.
+    retention_days: float | None = Field(default=None, gt=0, le=36500)
+    # How long a purged message's tombstone refuses a redelivery of it.
+    tombstone_days: float = Field(default=30.0, ge=0, le=36500)
+    retention_interval_seconds: float = Field(default=10.0, gt=0, le=86400)
+    # `name:token,...`: who may erase. Unset: the erasure endpoints answer 404.
+    admin_tokens: SecretStr | None = None
 
     @field_validator(
         "webhook_secret_previous",
@@ -192,6 +206,10 @@ class Settings(DatabaseSettings):
         "metrics_token",
         "allow_open_reads",
         "allowed_hosts",
+        "retention_days",
+        "tombstone_days",
+        "retention_interval_seconds",
+        "admin_tokens",
         mode="before",
     )
     @classmethod
@@ -236,6 +254,13 @@ class Settings(DatabaseSettings):
     def _tokens_well_formed(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
             parse_tokens(value.get_secret_value())
+        return value
+
+    @field_validator("admin_tokens")
+    @classmethod
+    def _admin_tokens_well_formed(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_admin_tokens(value.get_secret_value())
         return value
 
     @field_validator("allowed_hosts")
@@ -289,6 +314,12 @@ class Settings(DatabaseSettings):
         if self.metrics_token is None:
             return ()
         return parse_tokens(self.metrics_token.get_secret_value())
+
+    def admin_credentials(self) -> tuple[tuple[str, str], ...]:
+        """(name, token) of every admin token; empty when ADMIN_TOKENS is unset."""
+        if self.admin_tokens is None:
+            return ()
+        return parse_admin_tokens(self.admin_tokens.get_secret_value())
 
     def allowed_host_names(self) -> frozenset[str] | None:
         """The hosts requests may name (lower case, IPv6 in brackets); None: any."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,7 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.access import AccessPolicy
-from app.api import console, feed, messages, pages, probes, session, whatsapp
+from app.api import console, feed, lifecycle, messages, pages, probes, session, whatsapp
 from app.api.deps import AppState
 from app.api.webhook import PATH, WebhookEndpoint, openapi_operation
 from app.config import ConfigError, Settings, load_settings
@@ -24,6 +26,7 @@ from app.logging_utils import configure_logging, refuse_to_start
 from app.metrics import Metrics
 from app.middleware import DirectRoutes, ObservabilityMiddleware
 from app.rejections import RejectionRecorder
+from app.retention import Retention
 from app.storage import MessageStore, open_store
 
 logger = logging.getLogger("app")
@@ -153,6 +156,9 @@ def create_app(
         hub = FeedHub(store)
         metrics.follow_feed(hub)
         recorder.start(store)
+        retention = asyncio.create_task(
+            Retention(store, app_settings, metrics).run_forever(), name="retention"
+        )
         settle_heap()
         logger.info(
             "ready to receive",
@@ -168,6 +174,9 @@ def create_app(
             }
         finally:
             gc.unfreeze()
+            retention.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await retention
             await hub.close()
             await recorder.stop(store)
             await store.close()
@@ -192,6 +201,8 @@ def create_app(
         openapi_url="/openapi.json" if docs else None,
     )
     app.include_router(messages.router)
+    # After /messages, and export before the id route (see app/api/lifecycle.py).
+    app.include_router(lifecycle.router)
     app.include_router(feed.router)
     app.include_router(console.router)
     app.include_router(probes.router)

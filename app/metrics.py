@@ -60,6 +60,7 @@ WHATSAPP_RESULTS = (
     "client_disconnected",
 )
 WHATSAPP_MESSAGE_RESULTS = ("created", "duplicate", "invalid")
+ERASURE_KINDS = ("message", "number")
 # Meta's status values; anything else (a new one, a malformed one) counts as "other".
 WHATSAPP_STATUSES = ("sent", "delivered", "read", "failed", "other")
 # Requests refused before any route saw them (app/access.py's results).
@@ -235,7 +236,26 @@ class Metrics:
             ["status"],
             registry=self.registry,
         )
+        # The data lifecycle (docs/lifecycle.md).
+        self.purged = Counter(
+            "webhook_messages_purged",
+            "Messages deleted by retention (RETENTION_DAYS), by this process.",
+            registry=self.registry,
+        )
+        self.erased = Counter(
+            "webhook_messages_erased",
+            "Messages deleted by an erasure (DELETE /messages/{id}, DELETE /numbers/{e164}).",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.tombstones_expired = Counter(
+            "webhook_tombstones_expired",
+            "Tombstones of purged messages deleted once TOMBSTONE_DAYS had passed.",
+            registry=self.registry,
+        )
         # Created now, so that every line exists from start-up at 0.
+        for kind in ERASURE_KINDS:
+            self.erased.labels(kind=kind)
         for result in WHATSAPP_RESULTS:
             self.whatsapp_requests.labels(result=result)
         for result in WHATSAPP_MESSAGE_RESULTS:

@@ -154,7 +154,7 @@ class ObservabilityMiddleware:
             if host in policy.hosts_allowed and path in policy.open_paths:
                 refusal = None
             else:
-                refusal = policy.refusal(path, host, raw_headers)
+                refusal = policy.refusal(path, host, raw_headers, scope["method"])
             if refusal is not None:
                 await self._refuse(refusal, path, send, info, encoded_id)
             elif (handler := self.direct.match(path)) is None:
@@ -199,7 +199,7 @@ class ObservabilityMiddleware:
             latency_ms = (time.perf_counter() - started) * 1000
             path_label = info.route or getattr(scope.get("route"), "path", None) or UNMATCHED_PATH
             self.metrics.observe_request(path_label, scope["method"], info.status, latency_ms)
-            _log_access(scope, info, info.status, latency_ms, path_label == UNMATCHED_PATH)
+            _log_access(scope, info, info.status, latency_ms, path_label)
 
     def _refuses_websocket(self, scope: Scope) -> bool:
         # The same rule as for HTTP, so that a live feed added later is covered too.
@@ -257,7 +257,7 @@ def _mask_numbers(path: str) -> str:
 
 
 def _log_access(
-    scope: Scope, info: RequestInfo, status: int, latency_ms: float, unmatched: bool
+    scope: Scope, info: RequestInfo, status: int, latency_ms: float, route: str
 ) -> None:
     # A refused signature is a 4xx like any other: scanners send them all day, and an
     # error log full of them would hide the errors that need someone.
@@ -269,14 +269,21 @@ def _log_access(
         level = logging.INFO
     if not access_log.enabled(level):
         return
-    path = scope["path"][:256]
+    # The path only: the query string can carry search terms and phone numbers. So can a
+    # path that matched no route (/messages/+919876543210): long numbers are masked. A
+    # route with parameters is logged as its template: DELETE /numbers/{e164} must not
+    # write the number it erases.
+    if route == UNMATCHED_PATH:
+        path = _mask_numbers(scope["path"][:256])
+    elif "{" in route:
+        path = route
+    else:
+        path = scope["path"][:256]
     access_log.request(
         level,
         info.request_id,
         scope["method"],
-        # The path only: the query string can carry search terms and phone numbers. So can
-        # a path that matched no route (/messages/+919876543210): long numbers are masked.
-        _mask_numbers(path) if unmatched else path,
+        path,
         status,
         round(latency_ms, 3),
         None if info.result is None else (info.message_id, info.dup, info.result, info.field),

@@ -2,7 +2,8 @@
 
 - `<NAME>_FILE`: a secret read from a file (Docker and Kubernetes secrets), as a
   pydantic-settings source placed before the environment (see config.DatabaseSettings);
-- bearer-token lists (READ_TOKENS, METRICS_TOKEN) and the Host allowlist (ALLOWED_HOSTS).
+- bearer-token lists (READ_TOKENS, METRICS_TOKEN, ADMIN_TOKENS with names) and the Host
+  allowlist (ALLOWED_HOSTS).
 
 It imports nothing of ours, like config itself.
 """
@@ -23,6 +24,8 @@ MAX_BYTES = 65536
 # Read and metrics tokens: RFC 6750's b64token, at least this long.
 TOKEN_MIN_CHARS = 16
 _B64TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
+# ADMIN_TOKENS names: what the audit line of an erasure says.
+_ADMIN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # A DNS name, lower case; a leading dot stands for the name and all its subdomains.
 _HOST_NAME = re.compile(r"\.?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*")
 
@@ -100,6 +103,28 @@ def parse_tokens(value: str) -> tuple[str, ...]:
         if _B64TOKEN.fullmatch(token) is None:
             raise ValueError("a token may hold letters, digits and -._~+/ (then = padding)")
     return tokens
+
+
+def parse_admin_tokens(value: str) -> tuple[tuple[str, str], ...]:
+    """(name, token) pairs of ADMIN_TOKENS, `name:token,name:token`, or ValueError saying
+    what is wrong (naming the entry by its name, never quoting a token)."""
+    pairs: list[tuple[str, str]] = []
+    for entry in value.split(","):
+        name, colon, token = entry.partition(":")
+        if not colon:
+            raise ValueError("each entry must be name:token (e.g. alice:<openssl rand -hex 32>)")
+        if _ADMIN_NAME.fullmatch(name) is None:
+            raise ValueError("a name may hold 1 to 64 letters, digits and ._-")
+        if any(name == known for known, _ in pairs):
+            raise ValueError(f"the name {name!r} appears twice")
+        if len(token) < TOKEN_MIN_CHARS:
+            raise ValueError(f"the token of {name!r} needs at least {TOKEN_MIN_CHARS} characters")
+        if _B64TOKEN.fullmatch(token) is None:
+            raise ValueError(
+                f"the token of {name!r} may hold letters, digits and -._~+/ (then = padding)"
+            )
+        pairs.append((name, token))
+    return tuple(pairs)
 
 
 def parse_allowed_hosts(value: str) -> frozenset[str] | None:

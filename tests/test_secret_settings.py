@@ -288,6 +288,7 @@ def test_every_secret_setting_reads_from_a_file(
         "WHATSAPP_VERIFY_TOKEN": "verify-token-0123456789",
         "READ_TOKENS": "read-token-0123456789,next-token-0123456789",
         "METRICS_TOKEN": "metrics-token-0123456789",
+        "ADMIN_TOKENS": "alice:admin-token-0123456789",
         "DATABASE_URL": "postgresql://app:p%40ss@db:5432/app",
     }
     for name, value in values.items():

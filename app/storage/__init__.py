@@ -7,21 +7,33 @@ backend in its own modules (sqlite*, postgres*), the schema in `schema/` and `mi
 from __future__ import annotations
 
 from app.config import Settings
-from app.storage.base import MessageStore, StorageUnavailable
+from app.storage.base import Lifecycle, MessageStore, StorageUnavailable
 from app.storage.postgres import PostgresStore
+from app.storage.rows import Clock, system_clock
 from app.storage.sqlite import SQLiteStore
 
-__all__ = ["MessageStore", "PostgresStore", "SQLiteStore", "StorageUnavailable", "open_store"]
+__all__ = [
+    "Lifecycle",
+    "MessageStore",
+    "PostgresStore",
+    "SQLiteStore",
+    "StorageUnavailable",
+    "open_store",
+]
 
 
-async def open_store(settings: Settings) -> MessageStore:
-    """The store DATABASE_URL names, opened (schema applied) and ready to serve."""
+async def open_store(settings: Settings, *, clock: Clock = system_clock) -> MessageStore:
+    """The store DATABASE_URL names, opened (schema applied) and ready to serve.
+
+    `clock` stamps received_at and dates retention and tombstones (tests move it).
+    """
     database = settings.database
     if database.scheme == "sqlite":
         return await SQLiteStore.open(
             database.target,
             busy_timeout_ms=settings.sqlite_busy_timeout_ms,
             write_timeout=settings.write_timeout_seconds,
+            clock=clock,
         )
     return await PostgresStore.open(
         database.target,
@@ -29,4 +41,5 @@ async def open_store(settings: Settings) -> MessageStore:
         write_timeout=settings.write_timeout_seconds,
         read_timeout=settings.read_timeout_seconds,
         startup_timeout=settings.database_startup_timeout_seconds,
+        clock=clock,
     )

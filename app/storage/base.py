@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from datetime import timedelta
 from typing import Protocol
 
-from app.models import FeedQuery, ListQuery, Message, MessagePage, Stats
+from app.models import FeedQuery, ListQuery, Message, MessagePage, Stats, StoredMessage
 from app.records import ConversationPage, Refusal, RejectionPage, StoredContent, TimelineRange
 from app.storage.feed import FeedBatch, FeedSignal
+from app.storage.lifecycle import Erasure, ImportCounts, ImportRow
+from app.storage.rows import Row
 
 
 class StorageUnavailable(Exception):
@@ -17,7 +20,48 @@ class StorageUnavailable(Exception):
     """
 
 
+class Lifecycle(Protocol):
+    """Retention, erasure, export and import (docs/lifecycle.md): MessageStore.lifecycle."""
+
+    async def get_message(self, message_id: str) -> StoredMessage | None: ...
+
+    async def erase_message(self, message_id: str) -> Erasure:
+        """Delete one message and leave its tombstone (deleted 0: there was none)."""
+        ...
+
+    async def erase_number(self, msisdn: str) -> Erasure:
+        """Delete every message from or to `msisdn`, each leaving a tombstone."""
+        ...
+
+    async def purge(self, older_than: timedelta, tombstone_for: timedelta, limit: int) -> int:
+        """Delete up to `limit` of the oldest messages received more than `older_than`
+        ago, each leaving a tombstone for `tombstone_for` (zero: none); how many."""
+        ...
+
+    async def expire_tombstones(self, limit: int) -> int:
+        """Delete up to `limit` expired tombstones; how many."""
+        ...
+
+    def export(self, query: ListQuery) -> AsyncIterator[list[Row]]:
+        """Every message the filters of `query` match, in listing order, page by page;
+        rows of (message_id, from, to, ts, text, received_at)."""
+        ...
+
+    async def import_rows(self, rows: Sequence[ImportRow], *, durable: bool = True) -> ImportCounts:
+        """Store (message, received_at or None for now) unless already stored or erased.
+
+        durable=False commits without waiting for the disk: a later durable commit (the
+        last batch of an import) makes it durable too.
+        """
+        ...
+
+    async def is_tombstoned(self, message_id: str) -> bool: ...
+
+
 class MessageStore(Protocol):
+    @property
+    def lifecycle(self) -> Lifecycle: ...
+
     async def insert(self, message: Message) -> bool:
         """Store the message unless its message_id is already stored; True if it was new."""
         ...

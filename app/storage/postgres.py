@@ -33,8 +33,16 @@ from app.records import ConversationPage, Refusal, RejectionPage, StoredContent,
 from app.storage import postgres_console as console
 from app.storage.base import StorageUnavailable
 from app.storage.feed import FeedBatch, FeedSignal
-from app.storage.migrations import SCHEMA_VERSION, apply_postgres_schema
+from app.storage.lifecycle import tombstone_hash
+from app.storage.migrations import SCHEMA_VERSION
+from app.storage.postgres_connection import (
+    CONNECT_TIMEOUT_SECONDS,
+    DATABASE_ERRORS,
+    describe,
+    migrate,
+)
 from app.storage.postgres_feed import HEAD_STATEMENT, FeedChannel, feed_batch, feed_statement
+from app.storage.postgres_lifecycle import LOAD_KEY, PostgresLifecycle
 from app.storage.postgres_sql import (
     CHECK_SCHEMA,
     INSERT_MANY,
@@ -43,38 +51,30 @@ from app.storage.postgres_sql import (
     STATS,
     list_statement,
 )
-from app.storage.rows import Row, build_page, message_row, utc_now
+from app.storage.rows import (
+    Clock,
+    Row,
+    build_page,
+    format_instant,
+    message_row,
+    system_clock,
+    utc_now,
+)
 
 logger = logging.getLogger("app.storage")
 
 T = TypeVar("T")
+
+__all__ = ["PostgresStore", "migrate"]
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
 
     Connection = PoolConnectionProxy[asyncpg.Record]
 
-# What a database that is away, restarting, full or read-only raises through asyncpg.
-DATABASE_ERRORS = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-)
-# What start-up waits out (the database is still booting, or not listening yet); any
-# other error (a wrong password, a missing database) is a configuration error.
-TRANSIENT_AT_START = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-)
 # What a row itself can cause (a value or a constraint the database refuses): that row
 # fails, the others in its batch are retried without it.
 ROW_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
-CONNECT_TIMEOUT_SECONDS = 5.0
 FOLD_INTERVAL_SECONDS = 1.0
 CLOSE_TIMEOUT_SECONDS = 10.0
 
@@ -83,18 +83,30 @@ class RowRejected(Exception):
     """The database refused something about the rows, not the connection."""
 
 
-def describe(exc: BaseException) -> str:
-    """The error's type and SQLSTATE, never its message (it can quote row data)."""
-    code = getattr(exc, "sqlstate", None)
-    name = type(exc).__name__
-    return f"{name} ({code})" if code else name
-
-
 class PostgresStore:
     """MessageStore on PostgreSQL. Build it with `await PostgresStore.open(url, ...)`."""
 
-    def __init__(self, pool: asyncpg.Pool, *, write_timeout: float, read_timeout: float) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        write_timeout: float,
+        read_timeout: float,
+        key: bytes,
+        clock: Clock,
+    ) -> None:
         self._pool = pool
+        self._key = key
+        self._clock = clock
+        self.lifecycle = PostgresLifecycle(
+            pool,
+            self._with_connection,
+            key=key,
+            clock=clock,
+            write_timeout=write_timeout,
+            read_timeout=read_timeout,
+            on_import=self._announce,
+        )
         self.feed_signal = FeedSignal()
         # Its own connection, beside the pool: LISTEN for the other replicas' commits and
         # NOTIFY them of ours (app/storage/postgres_feed.py). Set by open().
@@ -121,6 +133,7 @@ class PostgresStore:
         read_timeout: float = 5.0,
         startup_timeout: float = 30.0,
         fold_interval: float = FOLD_INTERVAL_SECONDS,
+        clock: Clock = system_clock,
     ) -> PostgresStore:
         await migrate(url, startup_timeout=startup_timeout)
         pool = await asyncpg.create_pool(
@@ -134,7 +147,14 @@ class PostgresStore:
                 "application_name": "webhook-receiver",
             },
         )
-        store = cls(pool, write_timeout=write_timeout, read_timeout=read_timeout)
+        try:
+            key = await pool.fetchval(LOAD_KEY)
+        except DATABASE_ERRORS as exc:
+            await pool.close()
+            raise StorageUnavailable(f"cannot read the lifecycle key: {describe(exc)}") from None
+        store = cls(
+            pool, write_timeout=write_timeout, read_timeout=read_timeout, key=key, clock=clock
+        )
         store._feed_channel = await FeedChannel.open(url, store.feed_signal)
         store._folder = asyncio.create_task(
             store._fold_forever(fold_interval), name="fold-message-counts"
@@ -167,16 +187,17 @@ class PostgresStore:
             self._active_flushers -= 1
 
     async def _commit(self, batch: list[tuple[Row, asyncio.Future[bool]]]) -> None:
-        now = utc_now()
+        now = format_instant(self._clock())
         # Rows in message_id order: two batches holding the same ids (one delivery sent
         # to two replicas) then take their index locks in the same order, and wait for
         # each other instead of deadlocking.
         rows = sorted((row for row, _ in batch), key=lambda row: str(row[0]))
         columns = [list(column) for column in zip(*rows, strict=True)]
+        hashes = [tombstone_hash(self._key, row[0]) for row in rows]
 
         async def run(conn: Connection) -> set[str]:
             try:
-                records = await self._insert_rows(conn, columns, now)
+                records = await self._insert_rows(conn, columns, hashes, now)
             except ROW_ERRORS as exc:
                 raise RowRejected(describe(exc)) from None
             return {record[0] for record in records}
@@ -199,8 +220,8 @@ class PostgresStore:
             _fail(batch, StorageUnavailable("insert failed"))
             return
         self._healthy = True
-        if created and self._feed_channel is not None:
-            self._feed_channel.committed()
+        if created:
+            self._announce()
         for row, future in batch:
             # Only the first delivery of an id in this batch reports it as new.
             new = row[0] in created
@@ -209,11 +230,16 @@ class PostgresStore:
                 future.set_result(new)
 
     async def _insert_rows(
-        self, conn: Connection, columns: list[list[Any]], now: str
+        self, conn: Connection, columns: list[list[Any]], hashes: list[bytes], now: str
     ) -> list[asyncpg.Record]:
         # One autocommit statement, hence one INSERT per transaction: the feed positions
         # rely on it (app/storage/postgres_sql.py).
-        return list(await conn.fetch(INSERT_MANY, *columns, now))
+        return list(await conn.fetch(INSERT_MANY, *columns, hashes, [now] * len(hashes)))
+
+    def _announce(self) -> None:
+        """Rows were committed: wake this replica's feed readers and the others'."""
+        if self._feed_channel is not None:
+            self._feed_channel.committed()
 
     async def read_feed(self, query: FeedQuery) -> FeedBatch:
         sql, args = feed_statement(query)
@@ -357,37 +383,3 @@ def _fail(batch: list[tuple[Row, asyncio.Future[bool]]], error: StorageUnavailab
     for _, future in batch:
         if not future.done():
             future.set_exception(error)
-
-
-async def migrate(url: str, *, startup_timeout: float = 0.0) -> int:
-    """Apply the schema, waiting up to `startup_timeout` for the database to accept us.
-
-    Returns the version before. Used at start-up and by `python -m app init-db`.
-    """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + startup_timeout
-    delay = 0.25
-    while True:
-        try:
-            conn = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT_SECONDS)
-            break
-        except TRANSIENT_AT_START as exc:
-            if loop.time() + delay > deadline:
-                raise StorageUnavailable(f"database not reachable: {describe(exc)}") from None
-            logger.warning("waiting for the database", extra={"error": describe(exc)})
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
-        except DATABASE_ERRORS as exc:
-            raise StorageUnavailable(f"cannot connect to the database: {describe(exc)}") from None
-    try:
-        before = await apply_postgres_schema(conn)
-    except DATABASE_ERRORS as exc:
-        raise StorageUnavailable(f"cannot apply the schema: {describe(exc)}") from None
-    finally:
-        await conn.close()
-    if before > SCHEMA_VERSION:
-        logger.warning(
-            "database schema is newer than this build",
-            extra={"schema_version": before, "expected": SCHEMA_VERSION},
-        )
-    return before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from app.models import ListQuery
@@ -10,15 +11,19 @@ from app.models import ListQuery
 # are fine: the first is inserted, the others meet it and do nothing. The feed position is
 # the transaction's xid8 << 16 plus the row's ordinal in the statement, which is unique
 # because this is the only INSERT of its transaction: it always runs as one autocommit
-# statement (docs/feed.md). A duplicate burns its ordinal.
+# statement (docs/feed.md), or (an import) after nothing but a read. A duplicate burns its
+# ordinal. $8 holds each row's tombstone hash: an erased or purged id is left out (see
+# postgres_lifecycle.py for why an erasure running at the same moment cannot slip past
+# this check); $9 each row's created_at.
 INSERT_MANY = (
     "INSERT INTO messages"
     " (message_id, from_msisdn, to_msisdn, ts, text, ts_key, text_folded, created_at, position)"
     " SELECT r.message_id, r.from_msisdn, r.to_msisdn, r.ts, r.text, r.ts_key, r.text_folded,"
-    " $8, (pg_current_xact_id()::text::bigint << 16) + r.ordinal FROM unnest("
-    "$1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])"
-    " WITH ORDINALITY AS r (message_id, from_msisdn, to_msisdn, ts, text, ts_key, text_folded,"
-    " ordinal)"
+    " r.created_at, (pg_current_xact_id()::text::bigint << 16) + r.ordinal FROM unnest("
+    "$1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],"
+    " $8::bytea[], $9::text[]) WITH ORDINALITY AS r (message_id, from_msisdn, to_msisdn, ts,"
+    " text, ts_key, text_folded, hash, created_at, ordinal)"
+    " WHERE NOT EXISTS (SELECT 1 FROM tombstones t WHERE t.hash = r.hash)"
     " ON CONFLICT (message_id) DO NOTHING RETURNING message_id"
 )
 # Rows per statement at most; a bigger burst is sent as several. Below 2^16: the ordinal
@@ -74,15 +79,9 @@ def like_pattern(folded: str) -> str:
     return f"%{escaped}%"
 
 
-def list_statement(query: ListQuery) -> tuple[str, list[Any]]:
-    """The page and its total in one statement; returns (sql, arguments)."""
+def list_filters(query: ListQuery, arg: Callable[[Any], str]) -> list[str]:
+    """The WHERE clauses of the /messages filters; `arg` binds a value, returning `$n`."""
     clauses: list[str] = []
-    args: list[Any] = []
-
-    def arg(value: Any) -> str:
-        args.append(value)
-        return f"${len(args)}"
-
     if query.sender is not None:
         clauses.append(f"from_msisdn = {arg(query.sender)}")
     if query.recipient is not None:
@@ -95,6 +94,22 @@ def list_statement(query: ListQuery) -> tuple[str, list[Any]]:
         # The folded column is compared with the folded term, so LIKE's case-sensitivity
         # is what we want; the trigram index serves it when pg_trgm is installed.
         clauses.append(f"text_folded LIKE {arg(like_pattern(query.q.casefold()))} ESCAPE '\\'")
+    return clauses
+
+
+def binder(args: list[Any]) -> Callable[[Any], str]:
+    def arg(value: Any) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    return arg
+
+
+def list_statement(query: ListQuery) -> tuple[str, list[Any]]:
+    """The page and its total in one statement; returns (sql, arguments)."""
+    args: list[Any] = []
+    arg = binder(args)
+    clauses = list_filters(query, arg)
     total = f"(SELECT count(*) FROM messages WHERE {' AND '.join(clauses)})" if clauses else _TOTAL
     page_clauses = list(clauses)
     if query.after is not None:

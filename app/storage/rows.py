@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,8 +20,21 @@ from app.records import Conversation, ConversationPage, Rejection, RejectionPage
 Row = tuple[Any, ...]
 
 
+# What a store reads the time from: the system clock, or a test's (retention, tombstones).
+Clock = Callable[[], datetime]
+
+
+def system_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+def format_instant(moment: datetime) -> str:
+    """`created_at`'s form: fixed width (microseconds, Z), so text order is time order."""
+    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
 def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return format_instant(system_clock())
 
 
 def message_row(message: Message) -> Row:

@@ -32,7 +32,7 @@ from app.records import (
 from app.storage.base import StorageUnavailable
 from app.storage.feed import FeedBatch, FeedSignal
 from app.storage.migrations import apply_sqlite_schema
-from app.storage.rows import Row, message_row
+from app.storage.rows import Clock, Row, message_row, system_clock
 from app.storage.sqlite_checkpoint import Checkpointer
 from app.storage.sqlite_connection import (
     connect_sqlite,
@@ -48,8 +48,10 @@ from app.storage.sqlite_console import (
     write_rejections,
 )
 from app.storage.sqlite_feed import read_feed, read_head
+from app.storage.sqlite_lifecycle import SQLiteLifecycle, load_key
 from app.storage.sqlite_reads import check_schema, list_page, probe_write, read_stats
-from app.storage.sqlite_writer import SEARCH_BATCH, STOP, Call, Insert, Writer
+from app.storage.sqlite_search import SEARCH_BATCH
+from app.storage.sqlite_writer import STOP, Call, Insert, Writer
 
 T = TypeVar("T")
 
@@ -66,6 +68,8 @@ class SQLiteStore:
         checkpointer: Checkpointer | None,
         busy_timeout_ms: int,
         write_timeout: float,
+        key: bytes,
+        clock: Clock,
     ) -> None:
         self.path = path
         self._writer = writer
@@ -85,6 +89,7 @@ class SQLiteStore:
         # The highest committed position, as the event loop last heard from the writer.
         self._committed_position = writer.next_position - 1
         writer.on_commit = self._committed
+        self.lifecycle = SQLiteLifecycle(self._read, self._write_call, writer, key=key, clock=clock)
 
     @classmethod
     async def open(
@@ -94,10 +99,11 @@ class SQLiteStore:
         busy_timeout_ms: int = 1000,
         write_timeout: float = 5.0,
         readers: int = 4,
+        clock: Clock = system_clock,
     ) -> SQLiteStore:
         memory = path == ":memory:"
 
-        def setup() -> sqlite3.Connection:
+        def setup() -> tuple[sqlite3.Connection, bytes]:
             ensure_parent(path)
             conn = connect_sqlite(path, busy_timeout_ms=busy_timeout_ms)
             try:
@@ -108,13 +114,14 @@ class SQLiteStore:
                 if not memory:
                     conn.execute("PRAGMA wal_autocheckpoint = 0")
                     conn.execute("PRAGMA journal_size_limit = 67108864")
+                key = load_key(conn)
             except BaseException:
                 conn.close()
                 raise
-            return conn
+            return conn, key
 
-        conn = await asyncio.to_thread(setup)
-        writer = Writer(conn, asyncio.get_running_loop())
+        conn, key = await asyncio.to_thread(setup)
+        writer = Writer(conn, asyncio.get_running_loop(), key=key, clock=clock)
         writer.start()
         # A :memory: database exists only inside its one connection, so reads go through
         # the writer thread too; a file gets reader connections and a checkpointer.
@@ -129,6 +136,8 @@ class SQLiteStore:
             checkpointer=checkpointer,
             busy_timeout_ms=busy_timeout_ms,
             write_timeout=write_timeout,
+            key=key,
+            clock=clock,
         )
 
     async def insert(self, message: Message) -> bool:
@@ -237,10 +246,10 @@ class SQLiteStore:
         indexer = self._writer.search
 
         def run(conn: sqlite3.Connection) -> None:
-            remaining = indexer.backlog if limit is None else limit
-            while remaining > 0 and indexer.backlog > 0:
+            remaining = indexer.backlog + indexer.garbage if limit is None else limit
+            while remaining > 0 and indexer.has_work:
                 step = min(remaining, SEARCH_BATCH)
-                indexer.index_some(step)
+                indexer.work(step)
                 remaining -= step
 
         await self._write_call(run)

@@ -17,7 +17,7 @@ PROBE_ROOM_BYTES = 1024 * 1024
 _COLUMNS = "message_id, from_msisdn, to_msisdn, ts, text, ts_key, created_at"
 
 
-def _filters(query: ListQuery) -> tuple[list[str], list[Any]]:
+def list_filters(query: ListQuery) -> tuple[list[str], list[Any]]:
     clauses: list[str] = []
     params: list[Any] = []
     if query.sender is not None:
@@ -51,7 +51,7 @@ def _filters(query: ListQuery) -> tuple[list[str], list[Any]]:
 
 
 def list_page(conn: sqlite3.Connection, query: ListQuery) -> MessagePage:
-    clauses, params = _filters(query)
+    clauses, params = list_filters(query)
     conn.execute("BEGIN")
     try:
         if clauses:

@@ -21,21 +21,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.storage.base import StorageUnavailable
-from app.storage.rows import Row, utc_now
-from app.storage.sqlite_connection import MAX_BATCH, describe_sqlite_error, rollback
+from app.storage.lifecycle import tombstone_hash
+from app.storage.rows import Clock, Row, format_instant
+from app.storage.sqlite_connection import MAX_BATCH, describe_sqlite_error
+from app.storage.sqlite_search import SearchIndexer
 
 logger = logging.getLogger("app.storage")
 
 # Search indexing (see SearchIndexer): it runs once the writer has been idle for
 # SEARCH_IDLE_SECONDS, SEARCH_CHUNK rows per transaction; only past SEARCH_BACKLOG_MAX
-# unindexed rows does it also run between groups. SEARCH_BATCH: index_search()'s step.
+# unindexed rows does it also run between groups.
 SEARCH_IDLE_SECONDS = 0.05
 SEARCH_CHUNK = 500
 # A search scans the unindexed rows one by one: 100k of them take ~13 ms, so a search
 # stays under 20 ms however far behind the index is, and a burst of up to this many
 # messages is indexed after it rather than during it.
 SEARCH_BACKLOG_MAX = 100_000
-SEARCH_BATCH = 2000
 
 
 # A whole group in one statement, a VALUES row per message: each SQLite call from the
@@ -43,15 +44,19 @@ SEARCH_BATCH = 2000
 # statement per group instead of one per row is what lets the writer keep up. One text
 # per group size, each prepared once (the connection caches MAX_BATCH + 100 statements).
 # (Rows as one JSON array through json_each, one text for all sizes, cost SQLite 45%
-# more per row, parsing the JSON.)
+# more per row, parsing the JSON.) The tenth value of a row is its tombstone hash: an
+# erased or purged id is left out in the same statement, under the same write lock as
+# the insert, so no erasure can slip between the check and the write.
 @functools.lru_cache(maxsize=MAX_BATCH)
-def _insert_group(rows: int) -> str:
+def insert_group(rows: int) -> str:
     return (
         "INSERT INTO messages"
         " (message_id, from_msisdn, to_msisdn, ts, text, ts_key, text_folded, created_at,"
-        " position) VALUES "
-        + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
-        + " ON CONFLICT (message_id) DO NOTHING"
+        " position) SELECT column1, column2, column3, column4, column5, column6, column7,"
+        " column8, column9 FROM (VALUES "
+        + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
+        + ") WHERE NOT EXISTS (SELECT 1 FROM tombstones WHERE hash = column10)"
+        " ON CONFLICT (message_id) DO NOTHING"
     )
 
 
@@ -92,10 +97,15 @@ class Writer(threading.Thread):
         conn: sqlite3.Connection,
         loop: asyncio.AbstractEventLoop,
         on_commit: Callable[[int], None] | None = None,
+        *,
+        key: bytes,
+        clock: Clock,
     ) -> None:
         super().__init__(name="sqlite-writer", daemon=True)
         self.conn = conn
         self.loop = loop
+        self.key = key
+        self.clock = clock
         # Feed positions come from this counter, in the order groups are committed: one
         # writer, so commit order is position order (docs/feed.md). Called on the loop
         # after each commit with the highest position that is now committed.
@@ -116,8 +126,8 @@ class Writer(threading.Thread):
             except queue.Empty:
                 # Quiet for a moment: catch the search index up, a chunk at a time, for
                 # as long as nothing waits (a chunk delays a new arrival by a few ms).
-                while self.search.automatic and self.search.backlog > 0 and self.jobs.empty():
-                    self.search.index_some(SEARCH_CHUNK)
+                while self.search.automatic and self.search.has_work and self.jobs.empty():
+                    self.search.work(SEARCH_CHUNK)
                 continue
             while True:
                 try:
@@ -190,20 +200,21 @@ class Writer(threading.Thread):
 
     def _insert_all(self, batch: list[Insert]) -> list[bool]:
         conn = self.conn
-        now = utc_now()
+        now = format_instant(self.clock())
+        key = self.key
         first = self.next_position
         # Taken whether or not the statement commits: a gap, never a reuse.
         self.next_position = first + len(batch)
         params = [
             value
             for position, job in enumerate(batch, first)
-            for value in (*job.row, now, position)
+            for value in (*job.row, now, position, tombstone_hash(key, job.row[0]))
         ]
         # One statement outside any BEGIN: SQLite runs it as its own transaction, takes
         # the write lock first and commits (fsync'd) before it returns. One call means
         # one trip away from and back to the GIL instead of three (BEGIN, INSERT,
         # COMMIT), and under load each trip back waits for the event loop to let go.
-        cursor = conn.execute(_insert_group(len(batch)), params)
+        cursor = conn.execute(insert_group(len(batch)), params)
         inserted, last_rowid = cursor.rowcount, cursor.lastrowid or 0
         if inserted > 0:
             self.search.last_rowid = last_rowid
@@ -227,63 +238,19 @@ class Writer(threading.Thread):
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
             self._settle([(job.future, None, exc)])
         else:
+            # A call may have written (an erasure, a purge): the checkpointer's turn.
+            self.committed.set()
             self._settle([(job.future, result, None)])
+
+    def announce(self, position: int) -> None:
+        """From a call that inserted rows: positions up to `position` are committed."""
+        self._settle([], committed=position)
 
     def _settle(self, settlements: list[Settlement], committed: int | None = None) -> None:
         # One wake-up of the event loop per group, not one per request.
         # RuntimeError: the loop is closed, so nobody is waiting any more.
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(_settle_all, settlements, committed, self.on_commit)
-
-
-class SearchIndexer:
-    """Keeps messages_fts behind the inserts, in batches, on the writer's connection.
-
-    Indexing happens in its own transactions with synchronous=NORMAL (no fsync of its
-    own): the index is derived data, and the next message commit's fsync covers it. A
-    crash can only lose the index and its watermark together.
-    """
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
-        # Whether the writer indexes by itself (tests turn it off to hold a state).
-        self.automatic = True
-        self.indexed_through = conn.execute(
-            "SELECT indexed_through FROM search_progress WHERE id = 1"
-        ).fetchone()[0]
-        self.last_rowid = conn.execute("SELECT coalesce(max(rowid), 0) FROM messages").fetchone()[0]
-
-    @property
-    def backlog(self) -> int:
-        return int(self.last_rowid - self.indexed_through)
-
-    def index_some(self, limit: int = SEARCH_BATCH) -> None:
-        if self.backlog <= 0:
-            return
-        conn = self.conn
-        try:
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("BEGIN IMMEDIATE")
-            upto = conn.execute(
-                "SELECT max(rowid) FROM (SELECT rowid FROM messages WHERE rowid > ?"
-                " ORDER BY rowid LIMIT ?)",
-                (self.indexed_through, limit),
-            ).fetchone()[0]
-            if upto is not None:
-                conn.execute(
-                    "INSERT INTO messages_fts (rowid, text_folded) SELECT rowid, text_folded"
-                    " FROM messages WHERE rowid > ? AND rowid <= ? AND text_folded IS NOT NULL",
-                    (self.indexed_through, upto),
-                )
-                conn.execute("UPDATE search_progress SET indexed_through = ? WHERE id = 1", (upto,))
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            rollback(conn)
-            logger.warning("search indexing failed", extra={"error": describe_sqlite_error(exc)})
-            return
-        finally:
-            conn.execute("PRAGMA synchronous = FULL")
-        self.indexed_through = upto if upto is not None else self.last_rowid
 
 
 def _settle_all(

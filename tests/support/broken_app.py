@@ -28,7 +28,7 @@ from app.records import (
     StoredContent,
     TimelineRange,
 )
-from app.storage import MessageStore, SQLiteStore, open_store
+from app.storage import Lifecycle, MessageStore, SQLiteStore, open_store
 from app.storage.feed import FeedBatch, FeedSignal
 from app.storage.rows import message_row, utc_now
 
@@ -39,6 +39,10 @@ LEAKY_DETAIL = "internal-detail-+919876543210-private-text"
 class DelegatingStore:
     def __init__(self, store: SQLiteStore) -> None:
         self.store = store
+
+    @property
+    def lifecycle(self) -> Lifecycle:
+        return self.store.lifecycle
 
     async def insert(self, message: Message) -> bool:
         return await self.store.insert(message)

@@ -20,6 +20,7 @@ from app.models import FeedQuery, Message, Stats
 from app.storage import MessageStore
 from app.storage.feed import FeedBatch
 from app.storage.postgres import PostgresStore
+from app.storage.postgres_lifecycle import bury
 from app.storage.postgres_sql import INSERT_MANY
 from app.storage.rows import message_row, utc_now
 
@@ -94,9 +95,13 @@ class SlowCommits(PostgresStore):
     """Not broken: holds each insert's transaction open a random while after the INSERT,
     so that commits finish far out of position order (as they may under load)."""
 
-    async def _insert_rows(self, conn: Any, columns: list[list[Any]], now: str) -> list[Any]:
+    async def _insert_rows(
+        self, conn: Any, columns: list[list[Any]], hashes: list[bytes], now: str
+    ) -> list[Any]:
         async with conn.transaction():
-            records: list[asyncpg.Record] = await conn.fetch(INSERT_MANY, *columns, now)
+            records: list[asyncpg.Record] = await conn.fetch(
+                INSERT_MANY, *columns, hashes, [now] * len(hashes)
+            )
             await asyncio.sleep(random.uniform(0, 0.03))
         return records
 
@@ -150,3 +155,16 @@ def slow_commits_app() -> FastAPI:
 
 def feed_without_horizon_app() -> FastAPI:
     return _app_with(FeedWithoutHorizon)
+
+
+async def erase_without_lock(conn: Any, key: bytes, message_id: str, now: str) -> int:
+    """postgres_lifecycle.erase_message without its LOCK TABLE: a redelivery whose insert
+    found the row being deleted waits for this transaction, then stores the row again."""
+    async with conn.transaction():
+        gone = await conn.fetchval(
+            "DELETE FROM messages WHERE message_id = $1 RETURNING 1", message_id
+        )
+        if gone is None:
+            return 0
+        await bury(conn, key, [message_id], now, None)
+    return 1

@@ -164,7 +164,7 @@ class PostgresCluster:
             run_sync(_migrate(self._shared))
         self.execute(
             "TRUNCATE messages, message_count_deltas, sender_counts, write_probe,"
-            " message_hours, message_hour_deltas, rejections;"
+            " message_hours, message_hour_deltas, rejections, tombstones;"
             " UPDATE message_totals SET total = 0, senders = 0",
             database=database_name(self._shared),
         )
