@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -89,6 +89,8 @@ class DatabaseSettings(BaseSettings):
     # PostgreSQL only: connections per process, and how long start-up waits for the
     # database to accept connections (compose may start the API first).
     database_pool_size: int = Field(default=10, ge=1, le=500)
+    # PostgreSQL only: connections for reads, apart from the writes' (and one for probes).
+    database_read_pool_size: int = Field(default=4, ge=1, le=500)
     database_startup_timeout_seconds: float = Field(default=30.0, ge=0, le=600)
 
     @field_validator("database_url")
@@ -111,6 +113,9 @@ class Settings(DatabaseSettings):
     write_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
     # How long a read (/messages, /stats) may take before it is abandoned with a 503.
     read_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
+    # Reads that scan (a `q` under 3 characters, a deep offset) running at once; the
+    # others wait for a turn within their deadline (docs/limits.md).
+    max_concurrent_scans: int = Field(default=2, ge=1, le=64)
     # How long the SQLite writer waits on a lock held by another process.
     sqlite_busy_timeout_ms: int = Field(default=1000, ge=0, le=60_000)
     retry_after_seconds: int = Field(default=1, ge=1, le=3600)
@@ -123,10 +128,15 @@ class Settings(DatabaseSettings):
     whatsapp_verify_token: SecretStr | None = None
     # Meta documents webhook payloads of up to 3 MB.
     whatsapp_max_body_bytes: int = Field(default=3 * 1024 * 1024, ge=1, le=16 * 1024 * 1024)
+    # Request bodies held in memory at once, across all requests of the process; after
+    # the two limits above, which it must hold (a validator reads them).
+    body_buffer_budget_bytes: int = Field(default=64 * 1024 * 1024, ge=1, le=4 * 1024**3)
     # Connection limits of `python -m app serve` (see app/server/).
     http_max_head_bytes: int = Field(default=65536, ge=4096, le=16 * 1024 * 1024)
     http_head_timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
     http_body_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    # Open connections at most; unset: what RLIMIT_NOFILE leaves room for, up to 1000.
+    http_max_connections: int | None = Field(default=None, ge=1, le=1_000_000)
 
     @field_validator(
         "webhook_secret_previous", "whatsapp_app_secret", "whatsapp_verify_token", mode="before"
@@ -150,6 +160,23 @@ class Settings(DatabaseSettings):
     def _whsec_is_base64(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
             standard_webhook_key(value.get_secret_value())
+        return value
+
+    @field_validator("http_max_connections", mode="before")
+    @classmethod
+    def _empty_is_default(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("body_buffer_budget_bytes")
+    @classmethod
+    def _budget_holds_the_largest_body(cls, value: int, info: ValidationInfo) -> int:
+        limits = [info.data.get(name) for name in ("max_body_bytes", "whatsapp_max_body_bytes")]
+        largest = max((limit for limit in limits if isinstance(limit, int)), default=0)
+        if value < largest:
+            raise ValueError(
+                f"must be at least the largest accepted body ({largest} bytes:"
+                " MAX_BODY_BYTES or WHATSAPP_MAX_BODY_BYTES)"
+            )
         return value
 
     @field_validator("log_level", mode="before")

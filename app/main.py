@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api import messages, probes, whatsapp
-from app.api.deps import AppState
+from app.api.deps import AppState, BodyBudget
 from app.api.webhook import PATH, WebhookEndpoint, openapi_operation
 from app.config import ConfigError, Settings, load_settings
 from app.logging_utils import configure_logging, refuse_to_start
@@ -119,7 +119,12 @@ def create_app(
             extra={"database": app_settings.database.scheme, "version": VERSION},
         )
         try:
-            yield {"settings": app_settings, "store": store, "metrics": metrics}
+            yield {
+                "settings": app_settings,
+                "store": store,
+                "metrics": metrics,
+                "body_budget": BodyBudget(app_settings.body_buffer_budget_bytes),
+            }
         finally:
             gc.unfreeze()
             await store.close()

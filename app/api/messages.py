@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import AfterValidator, BeforeValidator
 
-from app.api.deps import UNAVAILABLE, SettingsDep, StoreDep, json_response, unavailable
+from app.api.deps import UNAVAILABLE, StoreDep, answer_read
 from app.models import (
     INSTANT_PATTERN,
     NO_NUL_PATTERN,
@@ -21,9 +20,6 @@ from app.models import (
     instant_key,
     no_nul,
 )
-from app.storage import StorageUnavailable
-
-logger = logging.getLogger("app.api")
 
 router = APIRouter()
 
@@ -57,8 +53,8 @@ def check_cursor(value: str) -> str:
     "/messages", response_model=MessagePage, summary="List stored messages", responses=UNAVAILABLE
 )
 async def list_messages(
+    request: Request,
     store: StoreDep,
-    settings: SettingsDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
     offset: Annotated[int, Query(ge=0, le=OFFSET_MAX)] = 0,
     sender: Annotated[
@@ -105,19 +101,13 @@ async def list_messages(
         q=q or None,
         after=decode_cursor(cursor) if cursor is not None else None,
     )
-    try:
-        page = await store.list_messages(query)
-    except StorageUnavailable as exc:
-        logger.warning("read failed", extra={"reason": str(exc)})
-        return unavailable(settings)
-    return json_response(page.model_dump_json().encode())
+    return await answer_read(
+        request, store.list_messages(query), lambda page: page.model_dump_json().encode()
+    )
 
 
 @router.get("/stats", response_model=Stats, summary="Message counts", responses=UNAVAILABLE)
-async def stats(store: StoreDep, settings: SettingsDep) -> Response:
-    try:
-        result = await store.stats()
-    except StorageUnavailable as exc:
-        logger.warning("read failed", extra={"reason": str(exc)})
-        return unavailable(settings)
-    return json_response(result.model_dump_json(by_alias=True).encode())
+async def stats(request: Request, store: StoreDep) -> Response:
+    return await answer_read(
+        request, store.stats(), lambda result: result.model_dump_json(by_alias=True).encode()
+    )

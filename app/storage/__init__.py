@@ -7,11 +7,18 @@ backend in its own modules (sqlite*, postgres*), the schema in `schema/` and `mi
 from __future__ import annotations
 
 from app.config import Settings
-from app.storage.base import MessageStore, StorageUnavailable
+from app.storage.base import MessageStore, QueryTooExpensive, StorageUnavailable
 from app.storage.postgres import PostgresStore
 from app.storage.sqlite import SQLiteStore
 
-__all__ = ["MessageStore", "PostgresStore", "SQLiteStore", "StorageUnavailable", "open_store"]
+__all__ = [
+    "MessageStore",
+    "PostgresStore",
+    "QueryTooExpensive",
+    "SQLiteStore",
+    "StorageUnavailable",
+    "open_store",
+]
 
 
 async def open_store(settings: Settings) -> MessageStore:
@@ -22,11 +29,15 @@ async def open_store(settings: Settings) -> MessageStore:
             database.target,
             busy_timeout_ms=settings.sqlite_busy_timeout_ms,
             write_timeout=settings.write_timeout_seconds,
+            read_timeout=settings.read_timeout_seconds,
+            max_scans=settings.max_concurrent_scans,
         )
     return await PostgresStore.open(
         database.target,
         pool_size=settings.database_pool_size,
+        read_pool_size=settings.database_read_pool_size,
         write_timeout=settings.write_timeout_seconds,
         read_timeout=settings.read_timeout_seconds,
+        max_scans=settings.max_concurrent_scans,
         startup_timeout=settings.database_startup_timeout_seconds,
     )

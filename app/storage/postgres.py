@@ -13,6 +13,12 @@ mirrors app/storage/schema/sqlite/), on asyncpg:
   task folds the deltas into per-sender and total counts (one replica at a time), and a
   read adds the pending deltas to the folded counts in one snapshot (see the schema).
 - Each read is one statement (one snapshot): the page and its `total` always agree.
+- Reads, writes and readiness checks each have a pool of their own, so that slow reads
+  never hold a connection a webhook or a probe needs. Reads run with statement_timeout
+  at the read deadline, without parallel workers (one core per read at most), and at
+  most `max_scans` of those that scan (see `is_scan`) at once; a read stopped at its
+  deadline is QueryTooExpensive. A cancelled read (its client went away) is cancelled
+  on the server too: asyncpg sends a cancel request.
 - When the database goes away, calls fail fast with StorageUnavailable (a 503 with
   Retry-After); the pool replaces broken connections as they are next used, so the
   service recovers by itself when the database comes back.
@@ -29,10 +35,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import asyncpg
 
 from app.models import ListQuery, Message, MessagePage, SenderCount, Stats
-from app.storage.base import StorageUnavailable
-from app.storage.migrations import SCHEMA_VERSION, apply_postgres_schema
+from app.storage.base import QueryTooExpensive, StorageUnavailable, is_scan
+from app.storage.migrations import SCHEMA_VERSION
+from app.storage.postgres_connect import DATABASE_ERRORS, describe, migrate, open_pools
 from app.storage.postgres_sql import (
     CHECK_SCHEMA,
+    HAS_TRIGRAM_INDEX,
     INSERT_MANY,
     MAX_BATCH,
     PROBE_WRITE,
@@ -40,6 +48,9 @@ from app.storage.postgres_sql import (
     list_statement,
 )
 from app.storage.rows import Row, build_page, message_row, utc_now
+
+# migrate is imported from here by the CLI and the tests.
+__all__ = ["PostgresStore", "RowRejected", "migrate"]
 
 logger = logging.getLogger("app.storage")
 
@@ -50,27 +61,9 @@ if TYPE_CHECKING:
 
     Connection = PoolConnectionProxy[asyncpg.Record]
 
-# What a database that is away, restarting, full or read-only raises through asyncpg.
-DATABASE_ERRORS = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-)
-# What start-up waits out (the database is still booting, or not listening yet); any
-# other error (a wrong password, a missing database) is a configuration error.
-TRANSIENT_AT_START = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-)
 # What a row itself can cause (a value or a constraint the database refuses): that row
 # fails, the others in its batch are retried without it.
 ROW_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
-CONNECT_TIMEOUT_SECONDS = 5.0
 FOLD_INTERVAL_SECONDS = 1.0
 CLOSE_TIMEOUT_SECONDS = 10.0
 
@@ -79,20 +72,28 @@ class RowRejected(Exception):
     """The database refused something about the rows, not the connection."""
 
 
-def describe(exc: BaseException) -> str:
-    """The error's type and SQLSTATE, never its message (it can quote row data)."""
-    code = getattr(exc, "sqlstate", None)
-    name = type(exc).__name__
-    return f"{name} ({code})" if code else name
-
-
 class PostgresStore:
     """MessageStore on PostgreSQL. Build it with `await PostgresStore.open(url, ...)`."""
 
-    def __init__(self, pool: asyncpg.Pool, *, write_timeout: float, read_timeout: float) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        read_pool: asyncpg.Pool,
+        probe_pool: asyncpg.Pool,
+        write_timeout: float,
+        read_timeout: float,
+        max_scans: int = 2,
+        trigram_index: bool = True,
+    ) -> None:
         self._pool = pool
+        self._read_pool = read_pool
+        self._probe_pool = probe_pool
         self._write_timeout = write_timeout
         self._read_timeout = read_timeout
+        self._scan_slots = asyncio.Semaphore(max_scans)
+        # Without pg_trgm every `q` is a scan.
+        self._trigram_index = trigram_index
         # False after a failed write, True after a good one: readiness reads it.
         self._healthy = True
         self._folder: asyncio.Task[None] | None = None
@@ -109,24 +110,32 @@ class PostgresStore:
         url: str,
         *,
         pool_size: int = 10,
+        read_pool_size: int = 4,
         write_timeout: float = 5.0,
         read_timeout: float = 5.0,
+        max_scans: int = 2,
         startup_timeout: float = 30.0,
         fold_interval: float = FOLD_INTERVAL_SECONDS,
     ) -> PostgresStore:
         await migrate(url, startup_timeout=startup_timeout)
-        pool = await asyncpg.create_pool(
-            url,
-            min_size=1,
-            max_size=pool_size,
-            timeout=CONNECT_TIMEOUT_SECONDS,
-            # Whatever the server's default: a commit returns once its WAL is flushed.
-            server_settings={
-                "synchronous_commit": "on",
-                "application_name": "webhook-receiver",
-            },
+        pool, read_pool, probe_pool = await open_pools(
+            url, pool_size=pool_size, read_pool_size=read_pool_size, read_timeout=read_timeout
         )
-        store = cls(pool, write_timeout=write_timeout, read_timeout=read_timeout)
+        try:
+            trigram_index = bool(await read_pool.fetchval(HAS_TRIGRAM_INDEX))
+        except BaseException:
+            for opened in (pool, read_pool, probe_pool):
+                opened.terminate()
+            raise
+        store = cls(
+            pool,
+            read_pool=read_pool,
+            probe_pool=probe_pool,
+            write_timeout=write_timeout,
+            read_timeout=read_timeout,
+            max_scans=max_scans,
+            trigram_index=trigram_index,
+        )
         store._folder = asyncio.create_task(
             store._fold_forever(fold_interval), name="fold-message-counts"
         )
@@ -203,7 +212,8 @@ class PostgresStore:
         async def run(conn: Connection) -> list[asyncpg.Record]:
             return list(await conn.fetch(sql, *args))
 
-        records = await self._with_connection(run, self._read_timeout)
+        scan = is_scan(query) or (query.q is not None and not self._trigram_index)
+        records = await self._read(run, scan=scan)
         total = int(records[0]["total"])
         rows = [tuple(record)[1:] for record in records if record["message_id"] is not None]
         return build_page(rows, total, query)
@@ -212,7 +222,7 @@ class PostgresStore:
         async def run(conn: Connection) -> asyncpg.Record | None:
             return await conn.fetchrow(STATS)
 
-        record = await self._with_connection(run, self._read_timeout)
+        record = await self._read(run)
         if record is None:
             raise StorageUnavailable("message_totals has no row")
         top = zip(record["top_senders"], record["top_counts"], strict=True)
@@ -232,7 +242,7 @@ class PostgresStore:
                 await conn.execute(PROBE_WRITE, utc_now())
             return None if version is None else int(version)
 
-        version = await self._with_connection(run, self._write_timeout)
+        version = await self._with_connection(run, self._write_timeout, self._probe_pool)
         if version != SCHEMA_VERSION:
             raise StorageUnavailable(f"schema version is {version}, expected {SCHEMA_VERSION}")
         self._healthy = True
@@ -254,7 +264,7 @@ class PostgresStore:
             async with conn.transaction(readonly=True):
                 return [tuple(record) for record in await conn.fetch(sql, *params)]
 
-        return await self._with_connection(run, self._read_timeout)
+        return await self._read(run)
 
     async def close(self) -> None:
         if self._flushers:
@@ -263,19 +273,53 @@ class PostgresStore:
             self._folder.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._folder
-        try:
-            await asyncio.wait_for(self._pool.close(), CLOSE_TIMEOUT_SECONDS)
-        except TimeoutError:
-            self._pool.terminate()
+        for pool in (self._read_pool, self._probe_pool, self._pool):
+            try:
+                await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT_SECONDS)
+            except TimeoutError:
+                pool.terminate()
 
-    async def _with_connection(self, fn: Callable[[Connection], Awaitable[T]], timeout: float) -> T:
+    async def _with_connection(
+        self,
+        fn: Callable[[Connection], Awaitable[T]],
+        timeout: float,
+        pool: asyncpg.Pool | None = None,
+    ) -> T:
         # One deadline for waiting on the pool, (re)connecting and the statement: a
         # database that does not answer costs a request `timeout`, then a 503.
         try:
-            async with asyncio.timeout(timeout), self._pool.acquire() as conn:
+            async with asyncio.timeout(timeout), (pool or self._pool).acquire() as conn:
                 return await fn(conn)
         except DATABASE_ERRORS as exc:
             # The caller logs the reason along with what it was doing.
+            raise StorageUnavailable(describe(exc)) from None
+
+    async def _read(self, fn: Callable[[Connection], Awaitable[T]], *, scan: bool = False) -> T:
+        """`fn` on the read pool, within the read deadline; a scan waits for a slot first.
+
+        Past the deadline while waiting for a slot or running: QueryTooExpensive. Past it
+        while waiting for a connection (the database does not answer): StorageUnavailable.
+        """
+        phase = "slot"
+        try:
+            async with asyncio.timeout(self._read_timeout):
+                async with self._scan_slots if scan else contextlib.nullcontext():
+                    phase = "connection"
+                    async with self._read_pool.acquire() as conn:
+                        phase = "statement"
+                        return await fn(conn)
+        except asyncpg.QueryCanceledError:
+            # statement_timeout: the server stopped it.
+            raise QueryTooExpensive(
+                f"read stopped at its {self._read_timeout:g} s deadline"
+            ) from None
+        except TimeoutError:
+            if phase == "connection":
+                raise StorageUnavailable("no read connection within the read deadline") from None
+            raise QueryTooExpensive(
+                f"read stopped at its {self._read_timeout:g} s deadline ({phase})"
+            ) from None
+        except DATABASE_ERRORS as exc:
             raise StorageUnavailable(describe(exc)) from None
 
     async def _fold_forever(self, interval: float) -> None:
@@ -298,37 +342,3 @@ def _fail(batch: list[tuple[Row, asyncio.Future[bool]]], error: StorageUnavailab
     for _, future in batch:
         if not future.done():
             future.set_exception(error)
-
-
-async def migrate(url: str, *, startup_timeout: float = 0.0) -> int:
-    """Apply the schema, waiting up to `startup_timeout` for the database to accept us.
-
-    Returns the version before. Used at start-up and by `python -m app init-db`.
-    """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + startup_timeout
-    delay = 0.25
-    while True:
-        try:
-            conn = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT_SECONDS)
-            break
-        except TRANSIENT_AT_START as exc:
-            if loop.time() + delay > deadline:
-                raise StorageUnavailable(f"database not reachable: {describe(exc)}") from None
-            logger.warning("waiting for the database", extra={"error": describe(exc)})
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
-        except DATABASE_ERRORS as exc:
-            raise StorageUnavailable(f"cannot connect to the database: {describe(exc)}") from None
-    try:
-        before = await apply_postgres_schema(conn)
-    except DATABASE_ERRORS as exc:
-        raise StorageUnavailable(f"cannot apply the schema: {describe(exc)}") from None
-    finally:
-        await conn.close()
-    if before > SCHEMA_VERSION:
-        logger.warning(
-            "database schema is newer than this build",
-            extra={"schema_version": before, "expected": SCHEMA_VERSION},
-        )
-    return before
