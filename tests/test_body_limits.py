@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -20,6 +20,7 @@ from app.api.whatsapp import store_all
 from app.api.whatsapp_batch import SLICE, Batch, parse_batch, read_batch
 from app.models import Message
 from app.signature import sign
+from app.storage import StorageUnavailable
 from tests.support.clients import SECRET, AppClient, MakeClient, message
 from tests.support.meta import (
     APP_SECRET,
@@ -274,6 +275,9 @@ class CountingStore:
 
     async def insert(self, message: Message) -> bool:
         return True
+
+    async def insert_many(self, messages: Sequence[Message]) -> list[bool | StorageUnavailable]:
+        return [True] * len(messages)
 
 
 @pytest.mark.anyio

@@ -62,6 +62,17 @@ async def test_insert_reports_new_then_duplicate(store: AnyStore) -> None:
     assert [m.text for m in page.data] == ["Hello"]
 
 
+async def test_insert_many_reports_each_message_in_order(store: AnyStore) -> None:
+    assert await store.insert(msg("old")) is True
+    batch = [msg("a"), msg("old"), msg("b"), msg("a", text="again"), msg("c")]
+    assert await store.insert_many(batch) == [True, False, True, False, True]
+    assert await store.insert_many([]) == []
+    page = await store.list_messages(ListQuery())
+    assert sorted(m.message_id for m in page.data) == ["a", "b", "c", "old"]
+    assert [m.text for m in page.data if m.message_id == "a"] == ["Hello"]
+    assert (await store.stats()).total_messages == 4
+
+
 async def test_concurrent_inserts_keep_aggregates_exact(store: AnyStore) -> None:
     senders = [f"+1555{i:07}" for i in range(7)]
     jobs = [store.insert(msg(f"id{i % 150}", **{"from": senders[i % 150 % 7]})) for i in range(600)]

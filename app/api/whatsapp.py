@@ -57,17 +57,18 @@ _CHALLENGE = re.compile(r"[0-9A-Za-z_-]{1,256}")
 _MAX_LOGGED_PROBLEMS = 20
 
 
-async def store_all(store: MessageStore, messages: list[Message]) -> list[bool | BaseException]:
-    # Concurrently, so that the store's group commit writes the batch in few transactions;
-    # started a slice at a time, with other requests' turns in between.
+async def store_all(
+    store: MessageStore, messages: list[Message]
+) -> list[bool | StorageUnavailable]:
+    # Handed over a slice at a time, with other requests' turns in between; the store's
+    # group commit writes them in few transactions.
     slices = []
     for start in range(0, len(messages), SLICE):
-        part = messages[start : start + SLICE]
-        slices.append(asyncio.gather(*map(store.insert, part), return_exceptions=True))
+        slices.append(asyncio.ensure_future(store.insert_many(messages[start : start + SLICE])))
         await asyncio.sleep(0)
-    outcomes: list[bool | BaseException] = []
-    for part_outcomes in slices:
-        outcomes.extend(await part_outcomes)
+    outcomes: list[bool | StorageUnavailable] = []
+    for part in slices:
+        outcomes.extend(await part)
     return outcomes
 
 
@@ -198,10 +199,7 @@ async def take_batch(
     duplicate = outcomes.count(False)
     metrics.whatsapp_message("created", created)
     metrics.whatsapp_message("duplicate", duplicate)
-    failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
-    for failure in failures:
-        if not isinstance(failure, StorageUnavailable):
-            raise failure
+    failures = [outcome for outcome in outcomes if isinstance(outcome, StorageUnavailable)]
     if failures:
         # Meta retries the whole batch; what was stored now comes back as duplicates.
         metrics.whatsapp("storage_unavailable")

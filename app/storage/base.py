@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from app.models import ListQuery, Message, MessagePage, Stats
@@ -37,6 +38,14 @@ def is_scan(query: ListQuery) -> bool:
 class MessageStore(Protocol):
     async def insert(self, message: Message) -> bool:
         """Store the message unless its message_id is already stored; True if it was new."""
+        ...
+
+    async def insert_many(self, messages: Sequence[Message]) -> list[bool | StorageUnavailable]:
+        """insert() for each message, all at once and in few transactions (a batch).
+
+        The outcome of each, in order: True if new, False if already stored, or the
+        StorageUnavailable that kept it out. Cheaper than one insert() task per message.
+        """
         ...
 
     async def list_messages(self, query: ListQuery) -> MessagePage: ...

@@ -155,6 +155,36 @@ class PostgresStore:
             # The row may still commit later; the sender's retry is then a duplicate.
             raise StorageUnavailable("write timed out") from None
 
+    async def insert_many(self, messages: Sequence[Message]) -> list[bool | StorageUnavailable]:
+        if not messages:
+            return []
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[bool]] = [loop.create_future() for _ in messages]
+        self._waiting.extend(
+            (message_row(message), future)
+            for message, future in zip(messages, futures, strict=True)
+        )
+        while self._waiting and self._active_flushers < self._max_flushers:
+            self._active_flushers += 1
+            flusher = asyncio.create_task(self._flush())
+            self._flushers.add(flusher)
+            flusher.add_done_callback(self._flushers.discard)
+        if futures:
+            await asyncio.wait(futures, timeout=self._write_timeout)
+        outcomes: list[bool | StorageUnavailable] = []
+        for future in futures:
+            if not future.done():
+                # The rows may still commit later; a retry then finds them stored.
+                future.cancel()
+                outcomes.append(StorageUnavailable("write timed out"))
+            elif isinstance(error := future.exception(), StorageUnavailable):
+                outcomes.append(error)
+            elif error is not None:
+                raise error
+            else:
+                outcomes.append(future.result())
+        return outcomes
+
     async def _flush(self) -> None:
         # Group commit: while up to _max_flushers statements are in flight, requests
         # queue up, and the next statement takes every row waiting by then.

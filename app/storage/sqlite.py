@@ -153,6 +153,23 @@ class SQLiteStore:
         self._deadlines.append((loop.time() + self._write_timeout, future))
         return await future
 
+    async def insert_many(self, messages: Sequence[Message]) -> list[bool | StorageUnavailable]:
+        if not messages:
+            return []
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[bool]] = [loop.create_future() for _ in messages]
+        if not self._handover:
+            loop.call_soon(self._hand_over)
+        self._handover.extend(
+            Insert(message_row(message), future)
+            for message, future in zip(messages, futures, strict=True)
+        )
+        deadline = loop.time() + self._write_timeout
+        self._deadlines.extend((deadline, future) for future in futures)
+        # The sweeper fails what waits too long with StorageUnavailable, nothing else.
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        return [_outcome(outcome) for outcome in outcomes]
+
     async def _sweep(self) -> None:
         """Fail inserts that waited longer than write_timeout (a stuck disk, say).
 
@@ -262,6 +279,12 @@ class SQLiteStore:
             raise StorageUnavailable("database call timed out") from None
         except sqlite3.Error as exc:
             raise StorageUnavailable(describe_sqlite_error(exc)) from None
+
+
+def _outcome(outcome: bool | BaseException) -> bool | StorageUnavailable:
+    if isinstance(outcome, StorageUnavailable | bool):
+        return outcome
+    raise outcome
 
 
 def _consume_outcome(future: asyncio.Future[Any]) -> None:

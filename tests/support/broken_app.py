@@ -14,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+from collections.abc import Sequence
 
 from fastapi import FastAPI
 
 import app.main
 from app.config import Settings
 from app.models import ListQuery, Message, MessagePage, Stats
-from app.storage import MessageStore, SQLiteStore, open_store
+from app.storage import MessageStore, SQLiteStore, StorageUnavailable, open_store
 from app.storage.rows import message_row, utc_now
 
 # What the internal_error variant's exceptions say: nothing of it may reach a client or a log.
@@ -33,6 +34,16 @@ class DelegatingStore:
 
     async def insert(self, message: Message) -> bool:
         return await self.store.insert(message)
+
+    async def insert_many(self, messages: Sequence[Message]) -> list[bool | StorageUnavailable]:
+        # Through insert(), one by one: a broken insert() breaks batches as well.
+        outcomes = await asyncio.gather(*map(self.insert, messages), return_exceptions=True)
+        kept: list[bool | StorageUnavailable] = []
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, StorageUnavailable):
+                raise outcome
+            kept.append(outcome)
+        return kept
 
     async def list_messages(self, query: ListQuery) -> MessagePage:
         return await self.store.list_messages(query)
