@@ -21,7 +21,7 @@ endif
 DEMO_PYTHON ?= $(shell [ -x $(BIN)/python ] && echo $(BIN)/python || echo $(PYTHON))
 
 .PHONY: up down logs demo docker-smoke test test-fast lint soak run init-db bench bench-quick \
-	wrk clean
+	bench-costs wrk clean
 
 # The Compose stack: a secret (exported, else .env, else a fresh one in .env), the image
 # built, the service started and waited for (bounded), then where to find it.
@@ -86,10 +86,17 @@ run: $(STAMP)
 
 # Benchmarks (docs/performance.md, which also says how long each takes): this service
 # beside a naive reference and two raw-ASGI floors, then the service at a million rows,
-# then SQLite beside PostgreSQL with one and two API processes.
+# then SQLite beside PostgreSQL with one and two API processes; then the cost bounds.
 BENCH_ARGS ?= --passes 3 --million --scale-out
 bench: $(STAMP) wrk
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+	$(BIN)/python -m bench.costs $(BENCH_COSTS_ARGS)
+
+# The cost bounds under attack (docs/limits.md): worst-case searches beside steady ingest
+# at a million rows on both backends, 1,000 slow bodies, a 3 MB WhatsApp batch.
+BENCH_COSTS_ARGS ?= --passes 3
+bench-costs: $(STAMP) wrk
+	$(BIN)/python -m bench.costs $(BENCH_COSTS_ARGS)
 
 bench-quick: $(STAMP) wrk
 	$(BIN)/python -m bench.run --passes 1 --duration 3 --query-duration 2 --rows 20000

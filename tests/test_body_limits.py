@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import pytest
 from starlette.types import Message as AsgiMessage
@@ -21,7 +20,8 @@ from app.api.whatsapp_batch import SLICE, Batch, parse_batch, read_batch
 from app.models import Message
 from app.signature import sign
 from app.storage import StorageUnavailable
-from tests.support.clients import SECRET, AppClient, MakeClient, message
+from tests.support.asgi import Reply, call, longest_loop_work, run, streamed
+from tests.support.clients import SECRET, MakeClient, message
 from tests.support.meta import (
     APP_SECRET,
     PATH,
@@ -33,9 +33,6 @@ from tests.support.meta import (
     text_message,
 )
 
-Receive = Callable[[], Awaitable[AsgiMessage]]
-Reply = tuple[int, dict[str, str], bytes]
-
 # Bodies up to 100 kB, and room for 150 kB of them at once.
 LIMITS = {
     "whatsapp_max_body_bytes": 100_000,
@@ -43,63 +40,6 @@ LIMITS = {
     "whatsapp_app_secret": APP_SECRET,
     "whatsapp_verify_token": VERIFY_TOKEN,
 }
-
-
-def run(client: AppClient, scenario: Callable[[], Awaitable[Any]]) -> Any:
-    """Run `scenario` in the app's event loop (where its store and budget live)."""
-    assert client.portal is not None
-    return client.portal.call(scenario)
-
-
-async def call(client: AppClient, path: str, headers: dict[str, str], receive: Receive) -> Reply:
-    """One POST through the app, as a server would make it; (status, headers, body)."""
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8000),
-        "state": dict(client.app_state),
-    }
-    sent: list[AsgiMessage] = []
-
-    async def send(event: AsgiMessage) -> None:
-        sent.append(event)
-
-    await client.app(scope, receive, send)
-    start = sent[0]
-    names = {name.decode(): value.decode() for name, value in start["headers"]}
-    return start["status"], names, b"".join(event.get("body", b"") for event in sent[1:])
-
-
-def streamed(
-    body: bytes, *, stall_after: int | None = None, go: asyncio.Event | None = None
-) -> Receive:
-    """A receive that hands `body` over in 10 kB chunks, waiting for `go` once
-    `stall_after` bytes are out."""
-    chunks = [body[i : i + 10_000] for i in range(0, len(body), 10_000)] or [b""]
-    state = {"next": 0, "sent": 0}
-
-    async def receive() -> AsgiMessage:
-        if stall_after is not None and go is not None and state["sent"] >= stall_after:
-            await go.wait()
-        index = state["next"]
-        state["next"] += 1
-        state["sent"] += len(chunks[index])
-        return {
-            "type": "http.request",
-            "body": chunks[index],
-            "more_body": index + 1 < len(chunks),
-        }
-
-    return receive
 
 
 def webhook_body(size: int) -> bytes:
@@ -306,23 +246,9 @@ def test_a_3_mb_batch_does_not_stall_other_requests(make_client: MakeClient) -> 
     assert 3_000_000 < len(raw) <= 3 * 1024 * 1024
 
     async def scenario() -> tuple[Reply, float]:
-        longest = 0.0
-        done = False
-
-        async def watch() -> None:
-            nonlocal longest
-            last = time.thread_time()
-            while not done:
-                await asyncio.sleep(0.001)
-                now = time.thread_time()
-                longest = max(longest, now - last)
-                last = now
-
-        watcher = asyncio.ensure_future(watch())
-        reply = await call(client, PATH, {"x-hub-signature-256": hub_signature(raw)}, streamed(raw))
-        done = True
-        await watcher
-        return reply, longest
+        return await longest_loop_work(
+            client, PATH, {"x-hub-signature-256": hub_signature(raw)}, raw
+        )
 
     (status, _, _), longest = run(client, scenario)
     assert status == 200

@@ -278,3 +278,23 @@ def test_a_read_past_its_deadline_is_503_and_says_why(
     assert any(line["msg"] == "read too expensive" for line in lines)
     # A read that uses an index answers as always.
     assert client.get("/messages", params={"limit": 1}).status_code == 200
+
+
+async def test_new_scans_wait_while_the_log_is_made_to_start_over(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    async with opened("file", tmp_path, request, bulk=False, read_timeout=0.3) as store:
+        assert isinstance(store, SQLiteStore)
+        checkpointer = store._checkpointer
+        assert checkpointer is not None
+        await store.insert(msg("m1"))
+        # The checkpointer stopped, and its request to hold scans set by hand.
+        await asyncio.to_thread(checkpointer.stop)
+        checkpointer.holding_scans = True
+        with pytest.raises(QueryTooExpensive):
+            await store.list_messages(ListQuery(q="he"))
+        page = await store.list_messages(ListQuery(q="hello"))
+        assert [m.message_id for m in page.data] == ["m1"]
+        checkpointer.holding_scans = False
+        page = await store.list_messages(ListQuery(q="he"))
+        assert [m.message_id for m in page.data] == ["m1"]

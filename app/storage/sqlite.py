@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from app.models import ListQuery, Message, MessagePage, Stats
-from app.storage.base import StorageUnavailable, is_scan
+from app.storage.base import QueryTooExpensive, StorageUnavailable, is_scan
 from app.storage.migrations import apply_sqlite_schema
 from app.storage.rows import Row, message_row
 from app.storage.sqlite_checkpoint import Checkpointer
@@ -128,7 +128,11 @@ class SQLiteStore:
             if memory
             else _Pools(path, readers=readers, max_scans=max_scans, busy_timeout_ms=busy_timeout_ms)
         )
-        checkpointer = None if memory else Checkpointer(path, writer.committed)
+        checkpointer = (
+            None
+            if pools is None
+            else Checkpointer(path, writer.committed, scanning=pools.scanners.busy)
+        )
         if checkpointer is not None:
             checkpointer.start()
         return cls(
@@ -267,8 +271,24 @@ class SQLiteStore:
             future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
             self._writer.jobs.put(Call(lambda conn: run_ticket(ticket, conn, fn), future))
             return await await_read(ticket, future, self._read_timeout, self._tickets)
+        timeout = self._read_timeout
+        if scan and self._checkpointer is not None and self._checkpointer.holding_scans:
+            timeout = await self._wait_for_log_restart()
         pool = pools.probe if probe else pools.scanners if scan else pools.readers
-        return await pool.run(fn, self._read_timeout)
+        return await pool.run(fn, timeout)
+
+    async def _wait_for_log_restart(self) -> float:
+        """Hold a new scan while the checkpointer waits for scans to leave the log (see
+        Checkpointer); what is left of the read deadline, or QueryTooExpensive."""
+        checkpointer = self._checkpointer
+        assert checkpointer is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._read_timeout
+        while checkpointer.holding_scans:
+            if loop.time() >= deadline:
+                raise QueryTooExpensive("read held back past its deadline while the log restarts")
+            await asyncio.sleep(0.1)
+        return deadline - loop.time()
 
     async def _write_call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()

@@ -130,6 +130,10 @@ class ReaderPool:
             threads, thread_name_prefix=name, initializer=self._lower_priority
         )
 
+    def busy(self) -> bool:
+        """Whether a read is running or waiting (callable from any thread)."""
+        return bool(self._tickets)
+
     async def run(self, fn: Callable[[sqlite3.Connection], T], timeout: float) -> T:
         ticket = ReadTicket()
         future = asyncio.get_running_loop().run_in_executor(
