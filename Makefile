@@ -20,8 +20,17 @@ endif
 # else the host's python3.
 DEMO_PYTHON ?= $(shell [ -x $(BIN)/python ] && echo $(BIN)/python || echo $(PYTHON))
 
+# checkov, which tests/test_deploy.py runs, in a virtualenv of its own: its pins clash
+# with requirements-dev.txt. Inside .venv, so it goes wherever .venv goes.
+CHECKOV_VENV := $(VENV)/checkov
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-$(shell cksum < deploy/requirements-checkov.txt | cut -d' ' -f1)
+# The PostgreSQL stack (docker-compose.postgres.yml, docs/scale-out.md).
+COMPOSE_PG := docker compose -f docker-compose.yml -f docker-compose.postgres.yml
+REPLICAS ?= 3
+OPERATOR_PORT ?= 8001
+
 .PHONY: up down logs demo docker-smoke test test-fast lint soak run init-db bench bench-quick \
-	bench-costs wrk clean
+	bench-costs wrk clean up-postgres down-postgres drills lb-stats checkov
 
 # The Compose stack: a secret (exported, else .env, else a fresh one in .env), the image
 # built, the service started and waited for (bounded), then where to find it.
@@ -63,8 +72,17 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: lint
-	$(BIN)/pytest -q
+test: lint $(CHECKOV_STAMP)
+	CHECKOV=$(CHECKOV_VENV)/bin/checkov $(BIN)/pytest -q
+
+$(CHECKOV_STAMP): deploy/requirements-checkov.txt $(STAMP)
+	rm -rf $(CHECKOV_VENV)
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install --quiet --disable-pip-version-check -r deploy/requirements-checkov.txt
+	touch $@
+
+checkov: $(CHECKOV_STAMP)
+	$(CHECKOV_VENV)/bin/checkov -d deploy/kubernetes --framework kubernetes --skip-download --compact
 
 # The everyday loop: lint, and the tests that neither start server processes (slow) nor
 # belong to the reliability battery. `make test` runs everything, as CI does.
@@ -83,6 +101,33 @@ run: $(STAMP)
 	@./scripts/ensure-env
 	@DATABASE_URL=$${DATABASE_URL:-sqlite:///./data/app.db} ./scripts/with-env \
 	  $(BIN)/python -m app serve --host $(HOST) --port $(or $(PORT),8000)
+
+# PostgreSQL, HAProxy and REPLICAS api replicas: the public paths on API_PORT, every path
+# for operators on 127.0.0.1:OPERATOR_PORT. Secrets as for `make up`; POSTGRES_PASSWORD
+# likewise (exported, else .env, else a fresh one written to .env).
+up-postgres:
+	@./scripts/ensure-env
+	@./scripts/ensure-env POSTGRES_PASSWORD
+	@# Exported but empty values would override .env in compose: drop them.
+	@if [ -z "$${WEBHOOK_SECRET:-}" ]; then unset WEBHOOK_SECRET; fi; \
+	  if [ -z "$${POSTGRES_PASSWORD:-}" ]; then unset POSTGRES_PASSWORD; fi; \
+	  echo "$(COMPOSE_PG) up -d --build --scale api=$(REPLICAS)"; \
+	  OPERATOR_PORT=$(OPERATOR_PORT) $(COMPOSE_PG) up -d --build --scale api=$(REPLICAS)
+	@READS_PORT=$(OPERATOR_PORT) ./scripts/with-env ./scripts/wait-ready
+
+# Stops the PostgreSQL stack and deletes its volume (the database).
+down-postgres:
+	./scripts/with-env sh -c 'POSTGRES_PASSWORD=$${POSTGRES_PASSWORD:-unused} exec $(COMPOSE_PG) down -v'
+
+# The failure drills of docs/scale-out.md against the running `make up-postgres` stack
+# (it kills, restarts and stops containers of it); about a minute.
+drills:
+	OPERATOR_PORT=$(OPERATOR_PORT) ./scripts/with-env $(PYTHON) scripts/scale_drills.py \
+	  --public http://127.0.0.1:$(or $(API_PORT),8000) --operator http://127.0.0.1:$(OPERATOR_PORT)
+
+# HAProxy's view of the replicas (its stats page is on the lb container's loopback only).
+lb-stats:
+	@./scripts/with-env ./scripts/lb-stats
 
 # Benchmarks (docs/performance.md, which also says how long each takes): this service
 # beside a naive reference and two raw-ASGI floors, then the service at a million rows,
