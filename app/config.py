@@ -86,11 +86,12 @@ class DatabaseSettings(BaseSettings):
     )
 
     database_url: str = "sqlite:///./data/app.db"
-    # PostgreSQL only: connections per process, and how long start-up waits for the
+    # PostgreSQL only: connections per process in all (one for readiness checks, the read
+    # pool, the rest for writes: docs/limits.md), and how long start-up waits for the
     # database to accept connections (compose may start the API first).
-    database_pool_size: int = Field(default=10, ge=1, le=500)
-    # PostgreSQL only: connections for reads, apart from the writes' (and one for probes).
-    database_read_pool_size: int = Field(default=4, ge=1, le=500)
+    database_pool_size: int = Field(default=10, ge=3, le=500)
+    # Of those, the reads' (unset: 3, or what a small pool leaves).
+    database_read_pool_size: int | None = Field(default=None, ge=1, le=498)
     database_startup_timeout_seconds: float = Field(default=30.0, ge=0, le=600)
 
     @field_validator("database_url")
@@ -98,6 +99,24 @@ class DatabaseSettings(BaseSettings):
     def _known_database_url(cls, value: str) -> str:
         parse_database_url(value)
         return value
+
+    @field_validator("database_read_pool_size")
+    @classmethod
+    def _reads_leave_room(cls, value: int | None, info: ValidationInfo) -> int | None:
+        pool = info.data.get("database_pool_size")
+        if value is not None and isinstance(pool, int) and value > pool - 2:
+            raise ValueError(
+                f"must leave DATABASE_POOL_SIZE ({pool}) a connection for writes and one for"
+                " readiness checks"
+            )
+        return value
+
+    @property
+    def read_pool_size(self) -> int:
+        """Connections for reads, out of database_pool_size."""
+        if self.database_read_pool_size is not None:
+            return self.database_read_pool_size
+        return max(1, min(3, self.database_pool_size - 2))
 
     @property
     def database(self) -> DatabaseURL:
@@ -162,7 +181,7 @@ class Settings(DatabaseSettings):
             standard_webhook_key(value.get_secret_value())
         return value
 
-    @field_validator("http_max_connections", mode="before")
+    @field_validator("http_max_connections", "database_read_pool_size", mode="before")
     @classmethod
     def _empty_is_default(cls, value: object) -> object:
         return None if value == "" else value

@@ -35,7 +35,7 @@ async def open_store(settings: Settings) -> MessageStore:
     return await PostgresStore.open(
         database.target,
         pool_size=settings.database_pool_size,
-        read_pool_size=settings.database_read_pool_size,
+        read_pool_size=settings.read_pool_size,
         write_timeout=settings.write_timeout_seconds,
         read_timeout=settings.read_timeout_seconds,
         max_scans=settings.max_concurrent_scans,

@@ -110,7 +110,7 @@ class PostgresStore:
         url: str,
         *,
         pool_size: int = 10,
-        read_pool_size: int = 4,
+        read_pool_size: int = 3,
         write_timeout: float = 5.0,
         read_timeout: float = 5.0,
         max_scans: int = 2,

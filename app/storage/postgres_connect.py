@@ -44,10 +44,14 @@ async def open_pools(
 ) -> tuple[asyncpg.Pool, asyncpg.Pool, asyncpg.Pool]:
     """(writes, reads, probes): separate pools, so that no kind waits behind another.
 
-    Sessions for writes commit synchronously whatever the server's default; sessions for
-    reads are read-only, stopped by the server at the read deadline, and without
-    parallel workers (a read uses one core at most). Probes get one connection.
+    `pool_size` connections in all: one for readiness probes, `read_pool_size` for reads,
+    the rest for writes. Sessions for writes commit synchronously whatever the server's
+    default; sessions for reads are read-only, stopped by the server at the read
+    deadline, and without parallel workers (a read uses one core at most).
     """
+    write_pool_size = pool_size - read_pool_size - 1
+    if write_pool_size < 1:
+        raise ValueError(f"a pool of {pool_size} leaves no connection for writes")
     writes = {"synchronous_commit": "on", "application_name": "webhook-receiver"}
     reads = {
         "application_name": "webhook-receiver-reads",
@@ -58,7 +62,7 @@ async def open_pools(
     }
     pools: list[asyncpg.Pool] = []
     try:
-        for size, settings in ((pool_size, writes), (read_pool_size, reads), (1, writes)):
+        for size, settings in ((write_pool_size, writes), (read_pool_size, reads), (1, writes)):
             pools.append(
                 await asyncpg.create_pool(
                     url,
