@@ -110,12 +110,14 @@ async def answer_read(
     watching = asyncio.ensure_future(wait_for_disconnect(request.receive))
     try:
         await asyncio.wait((reading, watching), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        reading.cancel()
+        raise
     finally:
         watching.cancel()
-        if not reading.done():
-            reading.cancel()
-    if reading.cancelled() or not reading.done():
-        # Let the read unwind (its statement is being stopped) before answering.
+    if not reading.done():
+        # The client went first: stop the read, and let it unwind before answering.
+        reading.cancel()
         await asyncio.wait((reading,))
         if not reading.cancelled():
             reading.exception()  # read, so asyncio does not report it as lost
