@@ -100,40 +100,42 @@ async def answer_read(
 ) -> Response:
     """The answer to a read route: `render(result)`, or a 503, or nothing for a client gone.
 
-    Every read route goes through here. The read runs as a task while this watches the
-    request's `receive` for the client going away; if it goes, the read is cancelled,
-    which stops its statement in the database (the stores' reads stop when cancelled).
-    A read past its deadline (QueryTooExpensive) is a 503 saying so.
+    Every read route goes through here. While the read runs, a watcher waits on the
+    request's `receive` for the client going away; if it goes, the watcher cancels this
+    request's task, which stops the read's statement in the database (the stores' reads
+    stop when cancelled). A read past its deadline (QueryTooExpensive) is a 503 saying so.
     """
     state = request.state
-    reading = asyncio.ensure_future(read)
-    watching = asyncio.ensure_future(wait_for_disconnect(request.receive))
+    request_task = asyncio.current_task()
+    assert request_task is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        await wait_for_disconnect(request.receive)
+        gone = True
+        request_task.cancel()
+
+    # One task, not two: the read runs in the request's own task, a few µs cheaper.
+    watcher = asyncio.ensure_future(watch())
     try:
-        await asyncio.wait((reading, watching), return_when=asyncio.FIRST_COMPLETED)
+        result = await read
     except asyncio.CancelledError:
-        reading.cancel()
-        raise
-    finally:
-        watching.cancel()
-    if not reading.done():
-        # The client went first: stop the read, and let it unwind before answering.
-        reading.cancel()
-        await asyncio.wait((reading,))
-        if not reading.cancelled():
-            reading.exception()  # read, so asyncio does not report it as lost
+        if not gone:
+            raise  # cancelled from outside (the server is stopping): not ours to answer
+        request_task.uncancel()
         state.metrics.read_stopped("client_disconnected")
         # Nobody reads this answer; the access line and the metrics carry it.
         return json_response(b'{"detail":"client disconnected"}', 400)
-    settings: Settings = state.settings
-    try:
-        result = reading.result()
     except QueryTooExpensive as exc:
         state.metrics.read_stopped("deadline")
         logger.warning("read too expensive", extra={"reason": str(exc)})
-        return too_expensive(settings)
+        return too_expensive(state.settings)
     except StorageUnavailable as exc:
         logger.warning("read failed", extra={"reason": str(exc)})
-        return unavailable(settings)
+        return unavailable(state.settings)
+    finally:
+        watcher.cancel()
     return json_response(render(result))
 
 
