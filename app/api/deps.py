@@ -87,6 +87,8 @@ TOO_EXPENSIVE = (
     b' (and page with cursor rather than a deep offset)"}'
 )
 OVERLOADED = b'{"detail":"server busy: too many request bodies in flight, retry later"}'
+# A read still running after this long starts watching for its client to go away.
+WATCH_AFTER_SECONDS = 0.05
 
 
 def too_expensive(settings: Settings) -> Response:
@@ -109,6 +111,7 @@ async def answer_read(
     request_task = asyncio.current_task()
     assert request_task is not None
     gone = False
+    watcher: asyncio.Task[None] | None = None
 
     async def watch() -> None:
         nonlocal gone
@@ -116,8 +119,14 @@ async def answer_read(
         gone = True
         request_task.cancel()
 
-    # One task, not two: the read runs in the request's own task, a few µs cheaper.
-    watcher = asyncio.ensure_future(watch())
+    def start_watching() -> None:
+        nonlocal watcher
+        watcher = asyncio.ensure_future(watch())
+
+    # The read runs in the request's own task, and the watcher starts only for a read
+    # still running after WATCH_AFTER_SECONDS: most reads end sooner, and a timer costs
+    # them less than a task would (a client gone meanwhile is seen when it starts).
+    timer = asyncio.get_running_loop().call_later(WATCH_AFTER_SECONDS, start_watching)
     try:
         result = await read
     except asyncio.CancelledError:
@@ -135,7 +144,9 @@ async def answer_read(
         logger.warning("read failed", extra={"reason": str(exc)})
         return unavailable(state.settings)
     finally:
-        watcher.cancel()
+        timer.cancel()
+        if watcher is not None:
+            watcher.cancel()
     return json_response(render(result))
 
 
