@@ -30,12 +30,15 @@ REPLICAS ?= 3
 OPERATOR_PORT ?= 8001
 
 .PHONY: up down logs demo docker-smoke test test-fast lint soak run init-db bench bench-quick \
-	bench-costs wrk clean up-postgres down-postgres drills lb-stats checkov
+	bench-costs bench-feed bench-console screenshots wrk clean up-postgres down-postgres drills \
+	lb-stats checkov
 
-# The Compose stack: a secret (exported, else .env, else a fresh one in .env), the image
-# built, the service started and waited for (bounded), then where to find it.
+# The Compose stack: a secret (exported, else .env, else a fresh one in .env), a check
+# that a port published beyond loopback does not serve open reads (scripts/check-exposure),
+# the image built, the service started and waited for (bounded), then where to find it.
 up:
 	@./scripts/ensure-env
+	@./scripts/with-env ./scripts/check-exposure
 	@# An exported but empty WEBHOOK_SECRET would override .env in compose: drop it.
 	@if [ -z "$${WEBHOOK_SECRET:-}" ]; then unset WEBHOOK_SECRET; fi; \
 	  echo "docker compose up -d --build"; docker compose up -d --build
@@ -131,11 +134,25 @@ lb-stats:
 
 # Benchmarks (docs/performance.md, which also says how long each takes): this service
 # beside a naive reference and two raw-ASGI floors, then the service at a million rows,
-# then SQLite beside PostgreSQL with one and two API processes; then the cost bounds.
+# then SQLite beside PostgreSQL with one and two API processes, then the feed (1,000
+# stream subscribers under a steady ingest; a poller catching up a million messages),
+# then the console at a million messages, then the cost bounds under attack.
 BENCH_ARGS ?= --passes 3 --million --scale-out
+FEED_ARGS ?= --passes 3
 bench: $(STAMP) wrk
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+	$(BIN)/python -m bench.feed $(FEED_ARGS)
+	$(BIN)/python -m bench.console
 	$(BIN)/python -m bench.costs $(BENCH_COSTS_ARGS)
+
+# The feed section alone (docs/feed.md).
+bench-feed: $(STAMP)
+	$(BIN)/python -m bench.feed $(FEED_ARGS)
+
+# The console at a million messages: /conversations, /stats/timeline, and the first render
+# of / in headless Chromium (docs/console.md).
+bench-console: $(STAMP) wrk
+	$(BIN)/python -m bench.console
 
 # The cost bounds under attack (docs/limits.md): worst-case searches beside steady ingest
 # at a million rows on both backends, 1,000 slow bodies, a 3 MB WhatsApp batch.
@@ -152,6 +169,10 @@ wrk:
 	  echo "installing wrk (Debian package)"; \
 	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -qq wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }; \
 	  else sudo apt-get install -y -qq wrk; fi; }
+
+# The console's screenshots in docs/images/, taken by its browser tests.
+screenshots: $(STAMP)
+	SCREENSHOTS_DIR=docs/images $(BIN)/pytest -q tests/test_console_browser.py -k screenshots
 
 init-db: $(STAMP)
 	DATABASE_URL=$${DATABASE_URL:-sqlite:///./data/app.db} ./scripts/with-env $(BIN)/python -m app init-db

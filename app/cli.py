@@ -1,4 +1,4 @@
-"""`python -m app ...`: serve, init-db, sign, send, demo.
+"""`python -m app ...`: serve, init-db, sign, send, demo, follow.
 
 Exit codes: 0 done; 1 the service answered, but not as expected (`send`: a status other
 than 2xx; `demo`: any step); 2 a usage or configuration error (a bad flag or URL, no
@@ -17,7 +17,18 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
-from app.client import BadURL, Client, ServiceUnreachable, build_message, format_ts, run_demo
+from app.client import (
+    FOLLOW_WAIT_SECONDS,
+    BadURL,
+    Client,
+    FollowRefused,
+    ServiceUnreachable,
+    build_message,
+    follow,
+    format_ts,
+    read_position,
+    run_demo,
+)
 from app.logging_utils import refuse_to_start
 from app.signature import sign, sign_standard_webhook
 
@@ -43,9 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return print_signature(args.file, "WHATSAPP_APP_SECRET", hub=True)
         return print_signature(args.file, "WEBHOOK_SECRET")
     try:
-        client = Client(args.url, timeout=args.timeout)
+        client = Client(args.url, timeout=args.timeout, read_token=first_read_token())
     except BadURL as exc:
         return fail(str(exc), EXIT_USAGE)
+    if args.command == "follow":
+        return run_follow(client, args)
     secret = os.environ.get("WEBHOOK_SECRET", "")
     if not secret:
         return fail(_MISSING_KEY_HELP, EXIT_USAGE)
@@ -117,16 +130,84 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cmd = commands.add_parser(
         "demo", help="send a sample conversation and the failure cases; print /stats"
     )
-    for sub in (send_cmd, demo_cmd):
+    follow_cmd = commands.add_parser(
+        "follow",
+        help="print every stored message once, in feed order, as JSON lines; keep following",
+        description="Polls GET /feed (long polls while nothing is new). Sends"
+        " `Authorization: Bearer $READ_TOKEN` when READ_TOKEN is set (else the first of"
+        " READ_TOKENS, if set). Stops on Ctrl-C.",
+    )
+    follow_cmd.add_argument(
+        "--from", dest="sender", metavar="E164", help="only this sender's messages"
+    )
+    follow_cmd.add_argument(
+        "--position-file",
+        metavar="PATH",
+        help="start after the position saved here, and save it after each printed batch",
+    )
+    follow_cmd.add_argument(
+        "--after", type=int, default=None, help="start after this position (default 0)"
+    )
+    follow_cmd.add_argument(
+        "--limit", type=int, default=100, help="messages per request, 1..1000 (default 100)"
+    )
+    for sub in (send_cmd, demo_cmd, follow_cmd):
         sub.add_argument("--url", default=DEFAULT_URL, help=f"the service (default {DEFAULT_URL})")
         sub.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
     return parser
+
+
+def run_follow(client: Client, args: argparse.Namespace) -> int:
+    if not 1 <= args.limit <= 1000:
+        return fail("--limit must be 1..1000", EXIT_USAGE)
+    try:
+        after = read_position(args.position_file) if args.after is None else args.after
+    except (OSError, ValueError) as exc:
+        return fail(str(exc), EXIT_USAGE)
+    # A poll is held open up to FOLLOW_WAIT_SECONDS when nothing is new.
+    client.timeout = max(client.timeout, FOLLOW_WAIT_SECONDS + client.timeout)
+    # The consumer's own token first; else the first of the service's, as `demo` does.
+    client.read_token = os.environ.get("READ_TOKEN") or client.read_token
+    try:
+        follow(
+            client,
+            sys.stdout,
+            after=after,
+            sender=args.sender,
+            limit=args.limit,
+            position_file=args.position_file,
+            warn=sys.stderr,
+        )
+    except KeyboardInterrupt:
+        return EXIT_OK  # the position file holds the last printed batch
+    except FollowRefused as exc:
+        hint = " (set READ_TOKEN to one of the service's READ_TOKENS)" if " 401" in str(exc) else ""
+        return fail(f"{exc}{hint}", EXIT_UNEXPECTED)
+    except BrokenPipeError:
+        # The reader (head, a closed pipe) has had enough; stdout must not be flushed
+        # into the closed pipe again at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    return EXIT_OK
 
 
 _MISSING_KEY_HELP = (
     "WEBHOOK_SECRET is not set: export the secret the service verifies with "
     "(`make up` keeps a generated one in .env; `make demo` reads it from there)"
 )
+
+
+def first_read_token() -> str | None:
+    """The first of READ_TOKENS (or of READ_TOKENS_FILE's content), for reading /stats."""
+    tokens = os.environ.get("READ_TOKENS", "")
+    path = os.environ.get("READ_TOKENS_FILE", "")
+    if not tokens and path:
+        try:
+            with open(path, encoding="utf-8") as file:
+                tokens = file.read()
+        except (OSError, UnicodeDecodeError):
+            return None  # the service refuses such a file itself, and says why
+    return tokens.strip().split(",")[0] or None
 
 
 def fail(message: str, code: int) -> int:

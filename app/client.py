@@ -1,4 +1,4 @@
-"""A small client for a running receiver: `python -m app send` and `python -m app demo`.
+"""A small client for a running receiver: `python -m app send`, `demo` and `follow`.
 
 Standard library only (urllib), so it runs in the runtime image and on a host with a bare
 python3, without the virtualenv.
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import secrets
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -58,9 +60,13 @@ def check_base_url(url: str) -> str:
 class Client:
     """HTTP calls to one receiver. Every status is a Reply; only no answer at all raises."""
 
-    def __init__(self, base_url: str, *, timeout: float = 10.0) -> None:
+    def __init__(
+        self, base_url: str, *, timeout: float = 10.0, read_token: str | None = None
+    ) -> None:
         self.base_url = check_base_url(base_url)
         self.timeout = timeout
+        # Sent with reads (GET), for a service with READ_TOKENS set.
+        self.read_token = read_token
         # No proxy: the service is usually on loopback, and an http_proxy from the
         # environment would otherwise intercept it.
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -70,7 +76,9 @@ class Client:
         return self.request("POST", "/webhook", body=body, headers=headers)
 
     def get(self, path: str) -> Reply:
-        return self.request("GET", path)
+        if self.read_token is None:
+            return self.request("GET", path)
+        return self.request("GET", path, headers={"Authorization": f"Bearer {self.read_token}"})
 
     def request(
         self,
@@ -175,6 +183,12 @@ def run_demo(client: Client, secret: bytes, out: TextIO, now: datetime | None = 
     print(f"  GET  /stats    {'':<52} {stats.status}", file=out)
     if stats.status == 200:
         print(json.dumps(stats.json(), indent=2, ensure_ascii=False), file=out)
+    elif stats.status == 401:
+        print(
+            "The service requires a read token: export READ_TOKENS (or put it in .env) as the"
+            " service has it.",
+            file=out,
+        )
 
     all_ok = all(step.ok for step in steps) and stats.status == 200
     after = _total(stats)
@@ -206,3 +220,84 @@ def _total(reply: Reply) -> int | None:
         return None
     total = reply.json().get("total_messages")
     return total if isinstance(total, int) else None
+
+
+# `follow`: every message once, in feed order, resuming from a position file.
+
+# How long the service may hold a poll open when nothing is new (GET /feed?wait=, at most 8).
+FOLLOW_WAIT_SECONDS = 8
+FOLLOW_RETRY_MAX_SECONDS = 5.0
+
+
+class FollowRefused(Exception):
+    """The service answered the feed with a status retrying cannot fix (401, 422, ...)."""
+
+
+def read_position(path: str | None) -> int:
+    """The position saved in `path` (0 if there is no file yet)."""
+    if path is None:
+        return 0
+    try:
+        with open(path, encoding="ascii") as file:
+            text = file.read().strip()
+    except FileNotFoundError:
+        return 0
+    if not text.isdigit():
+        raise ValueError(f"{path} does not hold a position (a non-negative integer)")
+    return int(text)
+
+
+def write_position(path: str, position: int) -> None:
+    """Replace the file's content atomically: a crash leaves the old or the new position."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w", encoding="ascii") as file:
+        file.write(f"{position}\n")
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def follow(
+    client: Client,
+    out: TextIO,
+    *,
+    after: int = 0,
+    sender: str | None = None,
+    limit: int = 100,
+    position_file: str | None = None,
+    warn: TextIO | None = None,
+) -> None:
+    """Print every message after `after` as one JSON line, forever (until interrupted).
+
+    The position is saved after each printed batch, so a restart prints nothing twice
+    that it had saved, and at most the last batch again (at-least-once to `out`).
+    """
+    query = f"&limit={limit}&wait={FOLLOW_WAIT_SECONDS}"
+    if sender is not None:
+        query += "&from=" + urllib.parse.quote(sender)
+    delay = 0.25
+    while True:
+        try:
+            reply = client.get(f"/feed?after={after}{query}")
+        except ServiceUnreachable as exc:
+            reply = None
+            reason = str(exc)
+        if reply is not None and reply.status == 200:
+            page = reply.json()
+            for item in page["data"]:
+                out.write(json.dumps(item, ensure_ascii=False, separators=(",", ":")) + "\n")
+            out.flush()
+            if page["data"]:
+                after = int(page["next_after"])
+                if position_file is not None:
+                    write_position(position_file, after)
+            delay = 0.25
+            continue
+        if reply is not None and reply.status not in (429, 502, 503, 504):
+            raise FollowRefused(f"GET /feed answered {reply.status}: {reply.text[:200]}")
+        if reply is not None:
+            reason = f"GET /feed answered {reply.status}"
+        if warn is not None:
+            print(f"{reason}; retrying in {delay:g} s", file=warn)
+        time.sleep(delay)
+        delay = min(delay * 2, FOLLOW_RETRY_MAX_SECONDS)

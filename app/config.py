@@ -8,11 +8,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from app.setting_values import SecretFileError, SecretFiles, parse_allowed_hosts, parse_tokens
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 WHSEC_PREFIX = "whsec_"
+# The Standard Webhooks specification's bounds on a whsec_ key, in bytes.
+WHSEC_MIN_BYTES = 24
+# Below these, start-up warns: a shared secret a person typed, a verify token guessable.
+SECRET_WARN_BYTES = 32
+VERIFY_TOKEN_WARN_CHARS = 16
+# Loopback by name and address, any port: what a browser on this machine sends when it
+# means this service, and never what a DNS-rebinding page sends.
+DEFAULT_ALLOWED_HOSTS = "localhost,127.0.0.1,[::1]"
 
 
 class ConfigError(Exception):
@@ -60,6 +77,21 @@ def standard_webhook_key(secret: str) -> bytes:
     return key
 
 
+# The settings that may come from a file (NAME_FILE): every secret, and DATABASE_URL (it
+# holds a password). A new secret setting is added here.
+FILE_SETTINGS = frozenset(
+    {
+        "webhook_secret",
+        "webhook_secret_previous",
+        "whatsapp_app_secret",
+        "whatsapp_verify_token",
+        "read_tokens",
+        "metrics_token",
+        "database_url",
+    }
+)
+
+
 def parse_database_url(url: str) -> DatabaseURL:
     if url.startswith("sqlite:///"):
         path = url.removeprefix("sqlite:///")
@@ -85,7 +117,8 @@ class DatabaseSettings(BaseSettings):
         env_prefix="", case_sensitive=False, extra="ignore", frozen=True
     )
 
-    database_url: str = "sqlite:///./data/app.db"
+    # Not in repr: a PostgreSQL URL carries a password.
+    database_url: str = Field(default="sqlite:///./data/app.db", repr=False)
     # PostgreSQL only: connections per process in all (one for readiness checks, the read
     # pool, the rest for writes: docs/limits.md), and how long start-up waits for the
     # database to accept connections (compose may start the API first).
@@ -94,11 +127,29 @@ class DatabaseSettings(BaseSettings):
     database_read_pool_size: int | None = Field(default=None, ge=1, le=498)
     database_startup_timeout_seconds: float = Field(default=30.0, ge=0, le=600)
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # No .env reading here: the scripts and Compose handle .env, the service reads
+        # only its environment (and the files it names).
+        return (init_settings, SecretFiles(settings_cls, FILE_SETTINGS), env_settings)
+
     @field_validator("database_url")
     @classmethod
     def _known_database_url(cls, value: str) -> str:
         parse_database_url(value)
         return value
+
+    @field_validator("database_read_pool_size", mode="before")
+    @classmethod
+    def _empty_read_pool_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
 
     @field_validator("database_read_pool_size")
     @classmethod
@@ -156,35 +207,64 @@ class Settings(DatabaseSettings):
     http_body_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
     # Open connections at most; unset: what RLIMIT_NOFILE leaves room for, up to 1000.
     http_max_connections: int | None = Field(default=None, ge=1, le=1_000_000)
+    # The console (app/static/console) at `/`, and how many refused deliveries it keeps.
+    console_enabled: bool = True
+    rejections_kept: int = Field(default=10_000, ge=1, le=1_000_000)
+    # How long a console sign-in lasts (app/session.py).
+    session_ttl_seconds: int = Field(default=12 * 3600, ge=60, le=30 * 86400)
+    # Read access (app/access.py, docs/security.md). Unset READ_TOKENS: reads are open.
+    read_tokens: SecretStr | None = None
+    metrics_token: SecretStr | None = None
+    allow_open_reads: bool = False
+    allowed_hosts: str = DEFAULT_ALLOWED_HOSTS
 
     @field_validator(
-        "webhook_secret_previous", "whatsapp_app_secret", "whatsapp_verify_token", mode="before"
+        "webhook_secret_previous",
+        "whatsapp_app_secret",
+        "whatsapp_verify_token",
+        "read_tokens",
+        "metrics_token",
+        "allow_open_reads",
+        "allowed_hosts",
+        "http_max_connections",
+        mode="before",
     )
     @classmethod
-    def _empty_is_unset(cls, value: object) -> object:
+    def _empty_is_unset(cls, value: object, info: ValidationInfo) -> object:
         # Compose passes an unset variable as "", which means "not configured".
-        return None if value == "" else value
+        if value != "":
+            return value
+        field = cls.model_fields[info.field_name or ""]
+        return field.get_default()
 
     @field_validator(
         "webhook_secret", "webhook_secret_previous", "whatsapp_app_secret", "whatsapp_verify_token"
     )
     @classmethod
     def _secret_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and not value.get_secret_value().strip():
+        if value is None:
+            return value
+        secret = value.get_secret_value()
+        if not secret.strip():
             raise ValueError("must be a non-empty string")
+        if secret != secret.strip():
+            raise ValueError(
+                "must not start or end with whitespace (a stray space or newline from copying it?)"
+            )
         return value
 
     @field_validator("webhook_secret", "webhook_secret_previous")
     @classmethod
     def _whsec_is_base64(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
-            standard_webhook_key(value.get_secret_value())
+            secret = value.get_secret_value()
+            key = standard_webhook_key(secret)
+            if secret.startswith(WHSEC_PREFIX) and len(key) < WHSEC_MIN_BYTES:
+                raise ValueError(
+                    f"a whsec_ key must decode to at least {WHSEC_MIN_BYTES} bytes"
+                    " (the Standard Webhooks minimum)"
+                )
         return value
-
-    @field_validator("http_max_connections", "database_read_pool_size", mode="before")
-    @classmethod
-    def _empty_is_default(cls, value: object) -> object:
-        return None if value == "" else value
 
     @field_validator("body_buffer_budget_bytes")
     @classmethod
@@ -197,6 +277,31 @@ class Settings(DatabaseSettings):
                 " MAX_BODY_BYTES or WHATSAPP_MAX_BODY_BYTES)"
             )
         return value
+
+    @field_validator("read_tokens", "metrics_token")
+    @classmethod
+    def _tokens_well_formed(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_tokens(value.get_secret_value())
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts_well_formed(cls, value: str) -> str:
+        parse_allowed_hosts(value)
+        return value
+
+    @model_validator(mode="after")
+    def _public_url_needs_read_tokens(self) -> Settings:
+        # The WhatsApp endpoint must be reachable from Meta, and everything else on the
+        # same listener with it: open reads there are a decision, never a default.
+        if self.whatsapp_enabled and self.read_tokens is None and not self.allow_open_reads:
+            raise ValueError(
+                "READ_TOKENS: must be set when the WhatsApp endpoint is enabled (it needs a"
+                " public URL, and /messages shares it); set ALLOW_OPEN_READS=true to serve"
+                " reads to anyone instead"
+            )
+        return self
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -223,6 +328,51 @@ class Settings(DatabaseSettings):
     def whatsapp_enabled(self) -> bool:
         return self.whatsapp_app_secret is not None and self.whatsapp_verify_token is not None
 
+    def read_token_list(self) -> tuple[str, ...]:
+        """The accepted read tokens; empty when READ_TOKENS is unset (reads are open)."""
+        return () if self.read_tokens is None else parse_tokens(self.read_tokens.get_secret_value())
+
+    def metrics_token_list(self) -> tuple[str, ...]:
+        if self.metrics_token is None:
+            return ()
+        return parse_tokens(self.metrics_token.get_secret_value())
+
+    def allowed_host_names(self) -> frozenset[str] | None:
+        """The hosts requests may name (lower case, IPv6 in brackets); None: any."""
+        return parse_allowed_hosts(self.allowed_hosts)
+
+    def weak_secrets(self) -> list[tuple[str, str]]:
+        """(variable, why) for each secret that works but is weaker than it should be.
+
+        Never the value, nor its length: only the rule it falls short of.
+        """
+        found = []
+        for name in ("webhook_secret", "webhook_secret_previous", "whatsapp_app_secret"):
+            secret: SecretStr | None = getattr(self, name)
+            if secret is None:
+                continue
+            value = secret.get_secret_value()
+            # A whsec_ key is random by construction, and at least 24 bytes (checked above).
+            if not value.startswith(WHSEC_PREFIX) and len(value.encode()) < SECRET_WARN_BYTES:
+                found.append(
+                    (
+                        name.upper(),
+                        f"shorter than {SECRET_WARN_BYTES} bytes: a short shared secret can"
+                        " be recovered offline from one signed request; use e.g."
+                        " openssl rand -hex 32",
+                    )
+                )
+        token = self.whatsapp_verify_token
+        if token is not None and len(token.get_secret_value()) < VERIFY_TOKEN_WARN_CHARS:
+            found.append(
+                (
+                    "WHATSAPP_VERIFY_TOKEN",
+                    f"shorter than {VERIFY_TOKEN_WARN_CHARS} characters: anyone who guesses it"
+                    " can subscribe; use e.g. openssl rand -hex 16",
+                )
+            )
+        return found
+
 
 def load_settings() -> Settings:
     """Read the environment, or raise ConfigError with one line that names the variable."""
@@ -230,6 +380,8 @@ def load_settings() -> Settings:
         return Settings()  # the values come from the environment
     except ValidationError as exc:
         raise ConfigError(describe_errors(exc)) from None
+    except SecretFileError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None
 
 
 def load_database_settings() -> DatabaseSettings:
@@ -238,13 +390,15 @@ def load_database_settings() -> DatabaseSettings:
         return DatabaseSettings()
     except ValidationError as exc:
         raise ConfigError(describe_errors(exc)) from None
+    except SecretFileError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None
 
 
 def describe_errors(exc: ValidationError) -> str:
     problems = []
     for error in exc.errors(include_input=False, include_url=False):
-        variable = str(error["loc"][0]).upper() if error["loc"] else "settings"
         message = "is required but not set" if error["type"] == "missing" else error["msg"]
         message = message.removeprefix("Value error, ")
-        problems.append(f"{variable}: {message}")
+        # A rule across settings names its variables in its own message.
+        problems.append(f"{str(error['loc'][0]).upper()}: {message}" if error["loc"] else message)
     return "invalid configuration: " + "; ".join(problems)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import sys
 import threading
 import time
@@ -21,7 +22,19 @@ _SERVER_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.asgi")
 FLUSH_SECONDS = 0.2
 # INFO lines waiting at most; past this, the next one writes them all.
 MAX_PENDING = 512
-_LINE_BREAKS = (("\x85", "\\u0085"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029"))
+# What a log line never carries raw: control characters (C0, DEL, C1: a terminal obeys
+# U+009B as ESC [), format characters (bidi overrides such as U+202E that reverse what a
+# reader sees, zero-width characters that hide text), line and paragraph separators (many
+# readers end a line at them), and lone surrogates. That is Unicode's Cc, Cf, Zl, Zp and
+# Cs, as of Unicode 15 (tests/test_logging.py checks it against unicodedata). Each is
+# written as its JSON escape, which decodes back to the same text: unambiguous, and the
+# line stays one line of valid JSON.
+_UNSAFE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\xad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2"
+    "\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ud800-\udfff\ufeff\ufff9-\ufffb"
+    "\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3"
+    "\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]"
+)
 
 
 class JsonFormatter(logging.Formatter):
@@ -55,16 +68,25 @@ class JsonFormatter(logging.Formatter):
             # the data that caused them (a body, a phone number).
             payload["exc_type"] = exc_type.__name__
             payload["traceback"] = "".join(traceback.format_tb(tb)).rstrip()
-        line = json.dumps(payload, ensure_ascii=False, default=str, separators=(",", ":"))
-        return line if line.isascii() else _escape_line_breaks(line)
+        return safe_line(
+            json.dumps(payload, ensure_ascii=False, default=str, separators=(",", ":"))
+        )
 
 
-def _escape_line_breaks(line: str) -> str:
-    # JSON leaves these unescaped, but many readers (Python's splitlines, JavaScript, log
-    # shippers) end a line at them: a sender's message_id must not split a line.
-    for char, escaped in _LINE_BREAKS:
-        line = line.replace(char, escaped)
-    return line
+def safe_line(line: str) -> str:
+    """A JSON line with every character of _UNSAFE escaped (JSON escapes C0 itself)."""
+    if line.isascii() and "\x7f" not in line:
+        return line
+    return _UNSAFE.sub(_json_escape, line)
+
+
+def _json_escape(match: re.Match[str]) -> str:
+    code = ord(match[0])
+    if code > 0xFFFF:
+        # JSON spells a character beyond the BMP as its UTF-16 surrogate pair.
+        code -= 0x10000
+        return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+    return f"\\u{code:04x}"
 
 
 class _JsonHandler(logging.Handler):
@@ -169,11 +191,12 @@ class AccessLog:
         path: str,
         status: int,
         latency_ms: float,
-        outcome: tuple[str | None, bool, str, str | None] | None = None,
+        outcome: tuple[str | None, bool | None, str, str | None] | None = None,
     ) -> None:
-        """Log one request; `outcome` is a webhook's (message_id, dup, result, field).
+        """Log one request; `outcome` is (message_id, dup, result, field), for a webhook
+        or a refused request.
 
-        message_id and field appear only when known.
+        message_id, dup and field appear only when known (not None).
         """
         sink = _sink
         head = self._heads.get(levelno)
@@ -192,9 +215,12 @@ class AccessLog:
                 "latency_ms": latency_ms,
             }
             if outcome is not None:
-                message_id, fields["dup"], fields["result"], field = outcome
+                message_id, dup, result, field = outcome
                 if message_id is not None:
                     fields["message_id"] = message_id
+                if dup is not None:
+                    fields["dup"] = dup
+                fields["result"] = result
                 if field is not None:
                     fields["field"] = field
             self.logger.log(levelno, "request", extra=fields)
@@ -210,14 +236,13 @@ class AccessLog:
             message_id, dup, result, field = outcome
             if message_id is not None:
                 line += ',"message_id":' + encode_basestring(message_id)
-            line += (',"dup":true' if dup else ',"dup":false') + ',"result":'
-            line += encode_basestring(result)
+            if dup is not None:
+                line += ',"dup":true' if dup else ',"dup":false'
+            line += ',"result":' + encode_basestring(result)
             if field is not None:
                 line += ',"field":' + encode_basestring(field)
             line += "}"
-        if not line.isascii():
-            line = _escape_line_breaks(line)
-        sink.handler.write_line(line, urgent=levelno >= logging.WARNING)
+        sink.handler.write_line(safe_line(line), urgent=levelno >= logging.WARNING)
 
 
 class _Sink:

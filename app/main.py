@@ -8,19 +8,22 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api import messages, probes, whatsapp
+from app.access import AccessPolicy
+from app.api import console, feed, messages, pages, probes, session, whatsapp
 from app.api.deps import AppState, BodyBudget
 from app.api.webhook import PATH, WebhookEndpoint, openapi_operation
 from app.config import ConfigError, Settings, load_settings
+from app.feed_hub import FeedHub
 from app.logging_utils import configure_logging, refuse_to_start
 from app.metrics import Metrics
 from app.middleware import DirectRoutes, ObservabilityMiddleware
+from app.rejections import RejectionRecorder
 from app.storage import MessageStore, open_store
 
 logger = logging.getLogger("app")
@@ -54,10 +57,23 @@ class ReceiverApp(FastAPI):
     - `openapi` adds the direct routes' operations, which FastAPI cannot see.
     """
 
-    def __init__(self, *, settings: Settings, metrics: Metrics, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        metrics: Metrics,
+        recorder: RejectionRecorder,
+        policy: AccessPolicy,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.receiver_settings = settings
         self.metrics = metrics
+        self.recorder = recorder
+        self.policy = policy
+        self.fixed_paths = {
+            path for path in (self.openapi_url, self.docs_url, self.redoc_url) if path
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -71,8 +87,26 @@ class ReceiverApp(FastAPI):
         await self.middleware_stack(scope, receive, send)
 
     def build_middleware_stack(self) -> ASGIApp:
-        direct = DirectRoutes({PATH: WebhookEndpoint(self.receiver_settings, self.metrics)})
-        return ObservabilityMiddleware(super().build_middleware_stack(), self.metrics, direct)
+        endpoint = WebhookEndpoint(self.receiver_settings, self.metrics, self.recorder)
+        direct = DirectRoutes({PATH: endpoint})
+        return ObservabilityMiddleware(
+            super().build_middleware_stack(),
+            self.metrics,
+            self.policy,
+            direct,
+            frozenset({PATH, *self.fixed_paths}),
+        )
+
+    def include_router(self, router: APIRouter, **kwargs: Any) -> None:
+        super().include_router(router, **kwargs)
+        # Noted for the metrics of refused requests, which no router sees (the paths are
+        # fixed: a template with parameters is not a path a request names).
+        prefix = kwargs.get("prefix", "")
+        self.fixed_paths.update(
+            prefix + path
+            for route in router.routes
+            if isinstance(path := getattr(route, "path", None), str) and "{" not in path
+        )
 
     def openapi(self) -> dict[str, Any]:
         if self.openapi_schema is None:
@@ -108,11 +142,16 @@ def create_app(
             raise SystemExit(2) from None
     configure_logging(settings.log_level)
     metrics = Metrics()
+    recorder = RejectionRecorder(metrics, settings.rejections_kept)
+    policy = AccessPolicy.from_settings(settings)
+    warn_about_exposure(settings, policy)
     app_settings = settings
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
         store = await store_opener(app_settings)
+        hub = FeedHub(store)
+        recorder.start(store)
         settle_heap()
         logger.info(
             "ready to receive",
@@ -123,10 +162,14 @@ def create_app(
                 "settings": app_settings,
                 "store": store,
                 "metrics": metrics,
+                "feed": hub,
+                "recorder": recorder,
                 "body_budget": BodyBudget(app_settings.body_buffer_budget_bytes),
             }
         finally:
             gc.unfreeze()
+            await hub.close()
+            await recorder.stop(store)
             await store.close()
             logger.info("store closed")
 
@@ -134,16 +177,31 @@ def create_app(
     app = ReceiverApp(
         settings=settings,
         metrics=metrics,
+        recorder=recorder,
+        policy=policy,
+        # /messages/ is a 404, not a redirect: Starlette builds the redirect's URL from the
+        # Host header, which would send clients wherever a forged header says.
+        redirect_slashes=False,
         title="Webhook receiver",
         version=VERSION,
         summary="Signed WhatsApp-style messages in, exactly once; list, search and count them.",
         lifespan=lifespan,
-        docs_url="/docs" if docs else None,
-        redoc_url="/redoc" if docs else None,
+        # /docs and /redoc are app.api.pages' own: assets shipped with the service, no CDN.
+        docs_url=None,
+        redoc_url=None,
         openapi_url="/openapi.json" if docs else None,
     )
     app.include_router(messages.router)
+    app.include_router(feed.router)
+    app.include_router(console.router)
     app.include_router(probes.router)
+    if settings.console_enabled:
+        app.include_router(pages.console_router)
+        app.include_router(session.router)
+    if docs:
+        app.include_router(pages.docs_router)
+    if settings.console_enabled or docs:
+        app.mount(pages.STATIC_PATH, pages.static_files(), name="static")
     if settings.whatsapp_enabled:
         app.include_router(whatsapp.router)
     elif settings.whatsapp_app_secret is not None or settings.whatsapp_verify_token is not None:
@@ -158,6 +216,18 @@ def create_app(
     app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, internal_error)
     return app
+
+
+def warn_about_exposure(settings: Settings, policy: AccessPolicy) -> None:
+    """One WARNING line per weakness that start-up lets through: open reads, short secrets."""
+    if policy.reads_open:
+        logger.warning(
+            "reads are open: READ_TOKENS is not set, so /messages, /stats and the API docs"
+            " answer anyone who reaches the port (see docs/security.md)",
+            extra={"setting": "READ_TOKENS"},
+        )
+    for variable, why in settings.weak_secrets():
+        logger.warning(f"{variable} is {why}", extra={"setting": variable})
 
 
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:

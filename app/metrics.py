@@ -32,6 +32,20 @@ WEBHOOK_RESULTS = (
     "overloaded",
 )
 SIGNATURE_KEYS = ("current", "previous")
+# Why a delivery to /webhook or /webhook/whatsapp was refused (or, for `conflict`,
+# accepted but found to reuse a message_id with different content): see app/rejections.py.
+REJECTION_REASONS = (
+    "missing_signature",
+    "malformed_signature",
+    "no_key_matched",
+    "timestamp_too_old",
+    "timestamp_in_future",
+    "body_too_large",
+    "unsupported_media_type",
+    "invalid_json",
+    "invalid_field",
+    "conflict",
+)
 WHATSAPP_RESULTS = (
     "accepted",
     "invalid_signature",
@@ -44,6 +58,8 @@ WHATSAPP_RESULTS = (
 WHATSAPP_MESSAGE_RESULTS = ("created", "duplicate", "invalid")
 # Meta's status values; anything else (a new one, a malformed one) counts as "other".
 WHATSAPP_STATUSES = ("sent", "delivered", "read", "failed", "other")
+# Requests refused before any route saw them (app/access.py's results).
+REFUSAL_REASONS = ("invalid_host", "missing_token", "invalid_token")
 # Why a read was stopped before it answered (docs/limits.md).
 READ_STOPS = ("deadline", "client_disconnected")
 # What the server did at its connection limit: closed an idle connection to make room,
@@ -70,6 +86,9 @@ class _RequestCounts(Collector):
         self.requests: dict[tuple[str, int], int] = {}
         self.results = dict.fromkeys(WEBHOOK_RESULTS, 0)
         self.keys = [0] * len(SIGNATURE_KEYS)
+        self.rejections = dict.fromkeys(REJECTION_REASONS, 0)
+        self.rejections_dropped = 0
+        self.refusals = dict.fromkeys(REFUSAL_REASONS, 0)
         # Per bucket, not cumulative: observing adds to one; the +Inf bucket is last.
         self.latency_counts = [0] * (len(LATENCY_BUCKETS_MS) + 1)
         self.latency_sum = 0.0
@@ -127,6 +146,28 @@ class _RequestCounts(Collector):
         for key, count in zip(SIGNATURE_KEYS, self.keys, strict=True):
             keys.add_metric([key], count)
         yield keys
+        rejections = CounterMetricFamily(
+            "webhook_rejections",
+            "Refused deliveries to /webhook and /webhook/whatsapp by reason (conflict:"
+            " a message_id reused with different content, still answered 200).",
+            labels=["reason"],
+        )
+        for reason, count in self.rejections.items():
+            rejections.add_metric([reason], count)
+        yield rejections
+        yield CounterMetricFamily(
+            "webhook_rejections_dropped",
+            "Rejections left out of the stored list: the queue was full, or the write failed.",
+            value=self.rejections_dropped,
+        )
+        refusals = CounterMetricFamily(
+            "access_refusals",
+            "Requests refused before routing: a Host not allowed, a missing or invalid token.",
+            labels=["reason"],
+        )
+        for reason, count in self.refusals.items():
+            refusals.add_metric([reason], count)
+        yield refusals
 
 
 class Metrics:
@@ -207,6 +248,15 @@ class Metrics:
     def signature_key(self, index: int) -> None:
         """Count a delivery verified by key `index` (0: current, 1: previous)."""
         self._counts.keys[min(index, len(SIGNATURE_KEYS) - 1)] += 1
+
+    def rejection(self, reason: str) -> None:
+        self._counts.rejections[reason] += 1
+
+    def rejections_dropped(self, count: int = 1) -> None:
+        self._counts.rejections_dropped += count
+
+    def refusal(self, reason: str) -> None:
+        self._counts.refusals[reason] += 1
 
     def whatsapp(self, result: str) -> None:
         self.whatsapp_requests.labels(result=result).inc()

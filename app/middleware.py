@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.access import AccessPolicy, Refusal
 from app.logging_utils import AccessLog
 from app.metrics import UNMATCHED_PATH, Metrics
 
@@ -61,8 +62,8 @@ class DirectRoutes:
 
     For the hot path alone (POST /webhook): FastAPI's routing and dependencies cost
     several times the work of the handler itself. Every other path goes through the
-    wrapped app. A `root_path` (an app mounted under a prefix by the server) is honoured
-    as Starlette's router honours it: the prefix is not part of the route.
+    wrapped app. Paths are matched as Starlette's router matches them: without the
+    `root_path` (the prefix a server mounts the app under).
     """
 
     __slots__ = ("_handlers",)
@@ -70,14 +71,9 @@ class DirectRoutes:
     def __init__(self, handlers: dict[str, DirectHandler]) -> None:
         self._handlers = dict(handlers)
 
-    def match(self, scope: Scope) -> tuple[str, DirectHandler] | None:
-        """The route template and its handler, if this request is one of ours."""
-        path: str = scope["path"]
-        root_path = scope.get("root_path")
-        if root_path and path.startswith(root_path):
-            path = path[len(root_path) :]
-        handler = self._handlers.get(path)
-        return None if handler is None else (path, handler)
+    def match(self, path: str) -> DirectHandler | None:
+        """The handler of `path` (without the root_path), if it is one of ours."""
+        return self._handlers.get(path)
 
     def __contains__(self, path: str) -> bool:
         return path in self._handlers
@@ -91,14 +87,26 @@ def request_info(scope: Scope) -> RequestInfo:
 class ObservabilityMiddleware:
     """Outermost: every request gets an id, a timing, metrics and one access line.
 
-    Requests that `direct` matches are answered by their handler, here; all others go to
-    the wrapped app, with our headers added to its answer.
+    `policy` (app/access.py) decides first whether the request may go on at all, and a
+    refusal is answered here. Requests that `direct` matches are answered by their
+    handler, here; all others go to the wrapped app, with our headers added to its
+    answer. `routes` are the app's fixed paths, so a refused request to one of them is
+    still counted under its route template.
     """
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, direct: DirectRoutes | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        policy: AccessPolicy,
+        direct: DirectRoutes | None = None,
+        routes: frozenset[str] = frozenset(),
+    ) -> None:
         self.app = app
         self.metrics = metrics
+        self.policy = policy
         self.direct = direct or DirectRoutes({})
+        self.routes = routes
         # Minted ids: a random per-instance prefix and a counter. Unique like a uuid4,
         # without reading the kernel's random pool on every request.
         self._id_prefix = os.urandom(8).hex()
@@ -106,20 +114,55 @@ class ObservabilityMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            if scope["type"] == "websocket" and self._refuses_websocket(scope):
+                # Before the handshake is accepted: the server answers it with a 403.
+                await send({"type": "websocket.close", "code": 1008})
+                return
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = _incoming_request_id(scope) or (
-            f"{self._id_prefix}{next(self._id_counter):016x}"
+        raw_headers = scope["headers"]
+        # One pass over the headers for the request id and the Host, inline: this runs for
+        # every request, and a call costs as much as the loop. Exactly one Host counts;
+        # none, or two (ambiguous: RFC 9112 says 400), is no Host at all.
+        incoming_id = host = None
+        hosts = 0
+        for name, value in raw_headers:
+            if name == b"host":
+                host = value
+                hosts += 1
+            elif name == b"x-request-id" and incoming_id is None:
+                incoming_id = value
+        if hosts != 1:
+            host = None
+        request_id = (
+            incoming_id.decode("ascii")
+            if incoming_id is not None and _SANE_REQUEST_ID.fullmatch(incoming_id)
+            else f"{self._id_prefix}{next(self._id_counter):016x}"
         )
         info = scope[_SCOPE_KEY] = RequestInfo(request_id)
         encoded_id = request_id.encode("ascii")
-        direct = self.direct.match(scope)
+        # The path as Starlette's router sees it: without the root_path the app is
+        # mounted under.
+        path: str = scope["path"]
+        root_path = scope.get("root_path")
+        if root_path and path.startswith(root_path):
+            path = path[len(root_path) :]
+        policy = self.policy
         try:
-            if direct is None:
+            # The common case decided without a call: a Host allowed before, an open path.
+            if host in policy.hosts_allowed and path in policy.open_paths:
+                refusal = None
+            else:
+                refusal = policy.refusal(path, host, raw_headers)
+            if refusal is not None:
+                await self._refuse(refusal, path, send, info, encoded_id)
+            elif (handler := self.direct.match(path)) is None:
                 await self.app(scope, receive, _HeaderAdder(send, info, encoded_id).send)
             else:
-                info.route, handler = direct
+                info.route = path
+                # A delivery's line always says whether it was a duplicate.
+                info.dup = False
                 info.status, body, headers = await handler(scope, receive)
                 info.response_started = True
                 headers += (
@@ -158,6 +201,35 @@ class ObservabilityMiddleware:
             self.metrics.observe_request(path_label, scope["method"], info.status, latency_ms)
             _log_access(scope, info, info.status, latency_ms, path_label == UNMATCHED_PATH)
 
+    def _refuses_websocket(self, scope: Scope) -> bool:
+        # The same rule as for HTTP, so that a live feed added later is covered too.
+        hosts = [value for name, value in scope["headers"] if name == b"host"]
+        path: str = scope["path"]
+        root_path = scope.get("root_path")
+        if root_path and path.startswith(root_path):
+            path = path[len(root_path) :]
+        host = hosts[0] if len(hosts) == 1 else None
+        return self.policy.refusal(path, host, scope["headers"]) is not None
+
+    async def _refuse(
+        self, refusal: Refusal, path: str, send: Send, info: RequestInfo, encoded_id: bytes
+    ) -> None:
+        info.status, body, headers, info.result = refusal
+        # Counted under its route template when it names one, so a dashboard shows which
+        # endpoint was refused; unknown paths share the unmatched label.
+        if path in self.routes:
+            info.route = path
+        self.metrics.refusal(info.result)
+        info.response_started = True
+        headers = [
+            *headers,
+            (b"content-length", b"%d" % len(body)),
+            (b"x-request-id", encoded_id),
+            *_DIRECT_HEADERS,
+        ]
+        await send({"type": "http.response.start", "status": info.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
 
 class _HeaderAdder:
     """The `send` given to the wrapped app: adds our headers, notes the status."""
@@ -178,16 +250,6 @@ class _HeaderAdder:
             headers.extend(_EXTRA_HEADERS)
             message = {**message, "headers": headers}
         await self.inner(message)
-
-
-def _incoming_request_id(scope: Scope) -> str | None:
-    for name, value in scope["headers"]:
-        if name == b"x-request-id":
-            if _SANE_REQUEST_ID.fullmatch(value):
-                reused: str = value.decode("ascii")
-                return reused
-            break
-    return None
 
 
 def _mask_numbers(path: str) -> str:
@@ -217,5 +279,5 @@ def _log_access(
         _mask_numbers(path) if unmatched else path,
         status,
         round(latency_ms, 3),
-        None if info.result is None else (info.message_id, bool(info.dup), info.result, info.field),
+        None if info.result is None else (info.message_id, info.dup, info.result, info.field),
     )

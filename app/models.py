@@ -21,6 +21,8 @@ ISO_UTC = re.compile(
 INSTANT_KEY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{9}Z")
 CURSOR = re.compile(r"[A-Za-z0-9_-]{1,1024}")
 MESSAGE_ID_MAX = 256
+# The third element of a newest-first cursor's position.
+DESCENDING = "desc"
 TEXT_MAX = 4096
 
 # The same rules as JSON Schema patterns, for the OpenAPI document only (validation is the
@@ -121,10 +123,18 @@ class Message(BaseModel):
     ) = None
 
 
+class StoredMessage(Message):
+    """A message as the store lists it: what was posted, plus when the service committed it."""
+
+    received_at: str = Field(
+        description="When the service committed the message (UTC, in the form of `ts`)"
+    )
+
+
 class MessagePage(BaseModel):
     model_config = ConfigDict(serialize_by_alias=True)
 
-    data: list[Message]
+    data: list[StoredMessage]
     total: int
     limit: int
     offset: int
@@ -157,10 +167,51 @@ class ListQuery(BaseModel):
     limit: int = 50
     offset: int = 0
     sender: str | None = None
+    recipient: str | None = None
     since_key: str | None = None
+    # Exclusive: rows with ts_key < until_key.
+    until_key: str | None = None
     q: str | None = None
-    # Keyset position (instant key, message_id): rows strictly after it.
+    # Newest first (ts_key, then message_id, both descending) instead of the contract's order.
+    descending: bool = False
+    # Keyset position (instant key, message_id): rows strictly after it in the listing
+    # order (so, when descending, strictly before it in time).
     after: tuple[str, str] | None = None
+
+
+FEED_LIMIT_MAX = 1000
+
+
+class FeedItem(BaseModel):
+    """One message in the feed, at its position (see docs/feed.md)."""
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+    position: int = Field(description="Strictly increasing in feed order, never reused")
+    message_id: str
+    from_: str = Field(alias="from")
+    to: str
+    ts: str
+    text: str | None
+    received_at: str = Field(description="When the service committed the message (UTC)")
+
+
+class FeedPage(BaseModel):
+    data: list[FeedItem]
+    next_after: int = Field(
+        description="The last position in `data` (or `after` when it is empty): pass it as"
+        " `after` to read on"
+    )
+
+
+class FeedQuery(BaseModel):
+    """A validated feed read: messages with position > after, in position order."""
+
+    model_config = ConfigDict(frozen=True)
+
+    after: int = 0
+    limit: int = 100
+    sender: str | None = None
 
 
 class InvalidMessage(ValueError):
@@ -209,13 +260,24 @@ def public_errors(exc: ValidationError, prefix: str) -> list[dict[str, Any]]:
     ]
 
 
-def encode_cursor(ts_key: str, message_id: str) -> str:
-    """An opaque keyset position: the (instant, message_id) of the last row served."""
-    raw = json.dumps([ts_key, message_id], ensure_ascii=False, separators=(",", ":"))
+def encode_cursor(ts_key: str, message_id: str, descending: bool = False) -> str:
+    """An opaque keyset position: the (instant, message_id) of the last row served.
+
+    A newest-first position says so, so that it cannot continue a page in the other order.
+    """
+    position = [ts_key, message_id, DESCENDING] if descending else [ts_key, message_id]
+    raw = json.dumps(position, ensure_ascii=False, separators=(",", ":"))
     return base64.urlsafe_b64encode(raw.encode()).rstrip(b"=").decode("ascii")
 
 
 def decode_cursor(cursor: str) -> tuple[str, str]:
+    """The (instant, message_id) of a cursor of either order."""
+    ts_key, message_id, _ = decode_position(cursor)
+    return ts_key, message_id
+
+
+def decode_position(cursor: str) -> tuple[str, str, bool]:
+    """(instant, message_id, descending) of a cursor this service issued."""
     error = ValueError("is not a cursor this service issued")
     if CURSOR.fullmatch(cursor) is None:
         raise error
@@ -226,10 +288,11 @@ def decode_cursor(cursor: str) -> tuple[str, str]:
         raise error from None
     if (
         not isinstance(position, list)
-        or len(position) != 2
+        or len(position) not in (2, 3)
         or not all(isinstance(part, str) for part in position)
         or INSTANT_KEY.fullmatch(position[0]) is None
         or not 0 < len(position[1]) <= MESSAGE_ID_MAX
+        or position[2:] not in ([], [DESCENDING])
     ):
         raise error
-    return position[0], position[1]
+    return position[0], position[1], len(position) == 3

@@ -36,6 +36,9 @@ _VERSION = re.compile(rb"v[0-9]+[a-z]*")
 _V1_SIGNATURE = re.compile(rb"[A-Za-z0-9+/]{43}=")
 _OPAQUE = re.compile(rb"[\x21-\x7e]+")
 
+# A sender signs once per key it holds (two or three during a rotation); 16 is generous.
+MAX_SIGNATURE_ENTRIES = 16
+
 X_SIGNATURE = b"x-signature"
 WEBHOOK_ID = b"webhook-id"
 WEBHOOK_TIMESTAMP = b"webhook-timestamp"
@@ -99,19 +102,25 @@ def verify_standard_webhook(
     """Check Standard Webhooks v1 headers against the raw body; the index of the key.
 
     Entries of other versions (`v1a`, asymmetric) are skipped, but must be well formed;
-    a header without any `v1` entry cannot verify. `max_age` and `max_ahead` bound how
-    far the timestamp may be behind or ahead of `now`, in seconds.
+    a header without any `v1` entry cannot verify, and one with more than
+    MAX_SIGNATURE_ENTRIES entries is malformed. `max_age` and `max_ahead` bound how far
+    the timestamp may be behind or ahead of `now`, in seconds; that is checked first.
     """
     raw_id, raw_ts, raw_sig = _ascii(webhook_id), _ascii(timestamp), _ascii(signature)
     if _WEBHOOK_ID.fullmatch(raw_id) is None or _TIMESTAMP.fullmatch(raw_ts) is None:
         raise InvalidSignature(MALFORMED)
-    given = _v1_signatures(raw_sig)
     sent_at = int(raw_ts)
-    # The window before the HMAC: a replayed delivery costs a comparison, not a digest.
+    # The window before the signatures are even read: a replayed or stale delivery costs
+    # a comparison, not a parse and a digest per key.
     if sent_at < now - max_age:
         raise InvalidSignature(EXPIRED)
     if sent_at > now + max_ahead:
         raise InvalidSignature(FUTURE)
+    # Bounded before parsing: each entry costs a decode and a comparison per key, and a
+    # header of thousands of them made one request cost milliseconds of CPU.
+    if raw_sig.count(b" ") >= MAX_SIGNATURE_ENTRIES:
+        raise InvalidSignature(MALFORMED)
+    given = _v1_signatures(raw_sig)
     if not given:
         raise InvalidSignature(MISMATCH)
     return _first_match((_standard_digest(key, raw_id, raw_ts, body) for key in keys), given)

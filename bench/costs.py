@@ -62,7 +62,11 @@ from tests.support.meta import hub_signature
 from tests.support.postgres import running_cluster, why_unavailable
 
 APP_SECRET = "meta-app-secret"
-WHATSAPP = {"WHATSAPP_APP_SECRET": APP_SECRET, "WHATSAPP_VERIFY_TOKEN": "bench"}
+WHATSAPP = {
+    "WHATSAPP_APP_SECRET": APP_SECRET,
+    "WHATSAPP_VERIFY_TOKEN": "bench",
+    "ALLOW_OPEN_READS": "true",  # loopback only
+}
 SERVICE = Variant("service", [PYTHON, "-m", "app", "serve"], log=True, queries=True)
 # The steady ingest: 16 connections, each a request every 16 ms at most (~1,000/s).
 INGEST_CONNECTIONS = 16
@@ -213,7 +217,7 @@ async def slow_bodies(url: str, connections: int, seconds: float) -> dict[str, i
     host, port = url.removeprefix("http://").split(":")
     size = 3 * 1024 * 1024
     head = (
-        f"POST /webhook/whatsapp HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        f"POST /webhook/whatsapp HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
         f"X-Hub-Signature-256: {hub_signature(b'not this body', APP_SECRET)}\r\n"
         f"Content-Length: {size}\r\n\r\n"
     ).encode()
@@ -354,6 +358,7 @@ def loop_work_in_process(rounds: int, workdir: Path) -> list[float]:
         log_level="WARNING",
         whatsapp_app_secret=APP_SECRET,
         whatsapp_verify_token="bench",
+        allow_open_reads=True,
     )
     longest = []
     with AppClient(create_app(settings)) as client:

@@ -45,10 +45,10 @@ def sender(rng: random.Random) -> str:
 
 
 def message(
-    rng: random.Random, message_id: str, moment: datetime | None = None
+    rng: random.Random, message_id: str, moment: datetime | None = None, span_days: int = 30
 ) -> dict[str, object]:
     if moment is None:
-        moment = START + timedelta(seconds=rng.uniform(0, 30 * 86400))
+        moment = START + timedelta(seconds=rng.uniform(0, span_days * 86400))
     ts = moment.strftime("%Y-%m-%dT%H:%M:%S")
     if rng.random() < 0.3:
         ts += "." + f"{moment.microsecond:06d}"[: rng.randint(1, 6)]
@@ -67,11 +67,13 @@ def message(
     }
 
 
-def messages(prefix: str, count: int, seed: int = 1) -> Iterator[dict[str, object]]:
-    """Stored history: timestamps anywhere in a month, in no particular order."""
+def messages(
+    prefix: str, count: int, seed: int = 1, span_days: int = 30
+) -> Iterator[dict[str, object]]:
+    """Stored history: timestamps anywhere in `span_days` (a month), in no particular order."""
     rng = random.Random(seed)
     for index in range(count):
-        yield message(rng, f"{prefix}{index}")
+        yield message(rng, f"{prefix}{index}", span_days=span_days)
 
 
 def live_messages(prefix: str, count: int, seed: int = 1) -> Iterator[dict[str, object]]:
@@ -92,7 +94,7 @@ def write_signed_bodies(path: Path, prefix: str, count: int, secret: bytes) -> N
             out.write(f"{signature} {body['message_id']} {raw.decode()}\n")
 
 
-def prefill_service(path: Path, count: int, prefix: str = "p") -> None:
+def prefill_service(path: Path, count: int, prefix: str = "p", span_days: int = 30) -> None:
     """A store in the service's schema with `count` messages, aggregates and index built.
 
     Rows go in with the search and aggregate triggers off, which are rebuilt once at the
@@ -110,7 +112,7 @@ def prefill_service(path: Path, count: int, prefix: str = "p") -> None:
     now = utc_now()
     conn.executemany(
         "INSERT INTO messages (message_id, from_msisdn, to_msisdn, ts, text, ts_key,"
-        " text_folded, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        " text_folded, created_at, position) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (message_id) DO NOTHING",
         (
             (
@@ -122,14 +124,25 @@ def prefill_service(path: Path, count: int, prefix: str = "p") -> None:
                 instant_key(str(m["ts"])),
                 None if m["text"] is None else str(m["text"]).casefold(),
                 now,
+                position,
             )
-            for m in messages(prefix, count)
+            for position, m in enumerate(messages(prefix, count, span_days=span_days), start=1)
         ),
     )
     conn.execute("DELETE FROM sender_counts")
+    # Each sender's last message: the greatest (ts_key, message_id), as the triggers keep it.
     conn.execute(
-        "INSERT INTO sender_counts (from_msisdn, count)"
-        " SELECT from_msisdn, count(*) FROM messages GROUP BY from_msisdn"
+        "INSERT INTO sender_counts (from_msisdn, count, last_ts_key, last_message_id)"
+        " SELECT from_msisdn, count(*), max(ts_key), NULL FROM messages GROUP BY from_msisdn"
+    )
+    conn.execute(
+        "UPDATE sender_counts SET last_message_id = (SELECT max(message_id) FROM messages m"
+        " WHERE m.from_msisdn = sender_counts.from_msisdn AND m.ts_key = sender_counts.last_ts_key)"
+    )
+    conn.execute("DELETE FROM message_hours")
+    conn.execute(
+        "INSERT INTO message_hours (hour, count)"
+        " SELECT substr(ts_key, 1, 13), count(*) FROM messages GROUP BY 1"
     )
     conn.execute(
         "UPDATE message_totals SET total = (SELECT count(*) FROM messages),"

@@ -376,7 +376,9 @@ class Sender:
             figures.deliveries += 1
             signature = hmac.new(self.secret, body, hashlib.sha256).hexdigest()
             request = (
-                f"POST /webhook HTTP/1.1\r\nHost: lb\r\nContent-Type: application/json\r\n"
+                # The host as the sender names it: the service checks it (ALLOWED_HOSTS).
+                f"POST /webhook HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                "Content-Type: application/json\r\n"
                 f"X-Signature: {signature}\r\nContent-Length: {len(body)}\r\n\r\n"
             ).encode() + body
             first_try = True
@@ -442,17 +444,27 @@ class Sender:
 # The contract through the balancer.
 
 
+# The first of the service's read tokens, when the stack has them: the operator side
+# passes the Authorization header through to the service (docs/security.md).
+READ_TOKEN = os.environ.get("READ_TOKENS", "").split(",")[0]
+
+
 def request(
     url: str,
     method: str,
     path: str,
     body: bytes | None = None,
     headers: dict[str, str] | None = None,
+    *,
+    token: bool = True,
 ) -> tuple[int | str, bytes, dict[str, str]]:
     parts = urllib.parse.urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=10)
+    sent = dict(headers or {})
+    if READ_TOKEN and token:
+        sent.setdefault("Authorization", f"Bearer {READ_TOKEN}")
     try:
-        conn.request(method, path, body=body, headers=headers or {})
+        conn.request(method, path, body=body, headers=sent)
         reply = conn.getresponse()
         return reply.status, reply.read(), {k.lower(): v for k, v in reply.getheaders()}
     except (OSError, http.client.HTTPException) as exc:
@@ -509,6 +521,9 @@ def contract(public: str, operator: str, secret: bytes, run_id: str) -> dict[str
     status, reply, _ = request(operator, "GET", "/metrics")
     expect("operator GET /metrics", (status, b"webhook_requests_total" in reply), (200, True))
     expect("operator GET /docs", request(operator, "GET", "/docs")[0], 200)
+    if READ_TOKEN:
+        unread = request(operator, "GET", "/messages", token=False)[0]
+        expect("operator GET /messages without the read token", unread, 401)
     # Bodies over the limit, each on a new connection: the 413 must arrive every time
     # (answered before the body was read, it used to reach some senders as a reset).
     outcomes: Counter[str] = Counter()

@@ -254,6 +254,25 @@ def test_demo_sends_its_traffic_and_reports_the_stats(
 
 
 @pytest.mark.slow
+def test_demo_reads_stats_with_the_first_read_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tokens = "first-read-token-0123456789,second-read-token-0123456789"
+    with running_server(tmp_path, env={"READ_TOKENS": tokens}) as locked:
+        monkeypatch.setenv("WEBHOOK_SECRET", SECRET)
+        monkeypatch.delenv("READ_TOKENS", raising=False)
+        assert main(["demo", "--url", locked.base_url]) == EXIT_UNEXPECTED
+        assert "requires a read token: export READ_TOKENS" in capsys.readouterr().out
+        (tmp_path / "tokens").write_text(tokens + "\n")
+        monkeypatch.setenv("READ_TOKENS_FILE", str(tmp_path / "tokens"))
+        assert main(["demo", "--url", locked.base_url]) == EXIT_OK
+        monkeypatch.delenv("READ_TOKENS_FILE")
+        monkeypatch.setenv("READ_TOKENS", tokens)
+        assert main(["demo", "--url", locked.base_url]) == EXIT_OK
+        assert "Every request answered as expected." in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_demo_with_the_wrong_secret_fails_and_says_why(
     server: Server, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

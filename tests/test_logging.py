@@ -7,12 +7,13 @@ import json
 import logging
 import re
 import time
+import unicodedata
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from app.logging_utils import FLUSH_SECONDS, AccessLog, configure_logging
+from app.logging_utils import FLUSH_SECONDS, AccessLog, configure_logging, safe_line
 from tests.support.clients import SECRET, MakeClient, json_lines, message
 
 
@@ -20,6 +21,10 @@ from tests.support.clients import SECRET, MakeClient, json_lines, message
 def restore_logging() -> Iterator[None]:
     yield
     configure_logging("INFO")  # back on stdout for whatever runs next
+
+
+# Control, format (bidi, zero-width), line and paragraph separators, lone surrogates.
+UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
 
 
 def access_lines(captured: str) -> list[dict[str, Any]]:
@@ -131,6 +136,11 @@ HOSTILE_VALUES = [
     "separators \u2028 \u2029 \x85",
     "héllo wörld ✓ 😀",
     "",
+    "csi \x9b2J and del \x7f",
+    "bidi \u202egnp.exe \u2066isolate\u2069",
+    "zero\u200bwidth\u200d joiner \ufeff",
+    "tag \U000e0041 lone \ud800",
+    "\\u009b, written out as text",
 ]
 
 
@@ -159,6 +169,8 @@ def test_the_fast_access_line_is_the_formatters_line(value: str) -> None:
     assert len(stream.getvalue().splitlines()) == 2
     assert json.loads(fast) | {"ts": None} == json.loads(slow) | {"ts": None}
     assert json.loads(fast)["message_id"] == value
+    # Nothing a terminal or a reader could act on is left raw.
+    assert not any(unicodedata.category(char) in UNSAFE_CATEGORIES for char in fast)
 
 
 @pytest.mark.parametrize(
@@ -168,10 +180,11 @@ def test_the_fast_access_line_is_the_formatters_line(value: str) -> None:
         (None, True, "duplicate", None),
         ("m1", False, "created", None),
         (None, False, "validation_error", "from"),
+        (None, None, "missing_token", None),
     ],
 )
 def test_the_fast_access_line_is_the_formatters_line_for_every_outcome(
-    outcome: tuple[str | None, bool, str, str | None] | None,
+    outcome: tuple[str | None, bool | None, str, str | None] | None,
 ) -> None:
     stream = io.StringIO()
     configure_logging("INFO", stream)
@@ -240,3 +253,48 @@ def test_a_logging_setup_that_is_not_ours_gets_the_access_line_as_a_record() -> 
     (record,) = seen
     fields = (record.getMessage(), record.request_id, record.status, record.dup)  # type: ignore[attr-defined]
     assert fields == ("request", "r9", 200, True)
+
+
+def test_every_control_and_format_character_is_escaped_and_decodes_back() -> None:
+    unsafe = [
+        chr(code)
+        for code in range(0x110000)
+        if unicodedata.category(chr(code)) in UNSAFE_CATEGORIES
+    ]
+    # Spaced out: a lone high surrogate next to a lone low one would decode as a pair.
+    value = " ".join(unsafe)
+    escaped = safe_line(json.dumps({"v": value}, ensure_ascii=False))
+    assert not any(unicodedata.category(char) in UNSAFE_CATEGORIES for char in escaped)
+    assert json.loads(escaped) == {"v": value}
+    escaped.encode("utf-8")  # a raw lone surrogate could not even be written out
+    # Characters that are merely non-ASCII stay as they are, readable.
+    assert safe_line('{"v":"héllo ✓ 😀"}') == '{"v":"héllo ✓ 😀"}'
+
+
+def test_a_hostile_path_reaches_the_access_line_escaped(
+    capsys: pytest.CaptureFixture[str], make_client: MakeClient
+) -> None:
+    client = make_client()
+    # CSI 2J (clear the screen) and a right-to-left override that shows "exe.png".
+    assert client.get("/%C2%9B2J%E2%80%AEgnp.exe").status_code == 404
+    raw = capsys.readouterr().out
+    (line,) = [text for text in raw.splitlines() if '"logger":"app.access"' in text]
+    assert "\x9b" not in line
+    assert "\u202e" not in line
+    assert '"path":"/\\u009b2J\\u202egnp.exe"' in line
+    assert json.loads(line)["path"] == "/\x9b2J\u202egnp.exe"
+
+
+def test_a_signed_message_id_reaches_the_access_line_escaped(
+    capsys: pytest.CaptureFixture[str], make_client: MakeClient
+) -> None:
+    client = make_client()
+    hostile = "\x9b2J\u202egnp.exe\u200b"
+    assert client.post_signed(message(message_id=hostile)).status_code == 200
+    raw = capsys.readouterr().out
+    (line,) = [text for text in raw.splitlines() if '"logger":"app.access"' in text]
+    assert not any(unicodedata.category(char) in UNSAFE_CATEGORIES for char in line)
+    assert '"message_id":"\\u009b2J\\u202egnp.exe\\u200b"' in line
+    assert json.loads(line)["message_id"] == hostile
+    # Stored as sent: the escaping is the log's, not the data's.
+    assert client.get("/messages").json()["data"][0]["message_id"] == hostile

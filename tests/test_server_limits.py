@@ -93,7 +93,7 @@ def test_a_connection_past_a_limit_of_busy_ones_is_refused_with_503(tmp_path: Pa
     env = {"HTTP_MAX_CONNECTIONS": "5", "HTTP_BODY_TIMEOUT_SECONDS": "60"}
     body, signature = signed("slow")
     head = (
-        f"POST /webhook HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        f"POST /webhook HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         f"X-Signature: {signature}\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode()
     with running_server(tmp_path, command=SERVE, env=env) as server:
@@ -104,7 +104,7 @@ def test_a_connection_past_a_limit_of_busy_ones_is_refused_with_503(tmp_path: Pa
                 sock.sendall(head + body[:10])  # inside a request: its body is on the way
             time.sleep(0.5)
             with socket.create_connection(host_port(server.base_url)) as sock:
-                sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: t\r\n\r\n")
+                sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
                 answer = read_until_closed(sock)
             assert status_of(answer) == 503
             head_part, _, payload = answer.partition(b"\r\n\r\n")
@@ -138,7 +138,7 @@ def test_a_read_whose_client_leaves_is_stopped(tmp_path: Path) -> None:
     env = {"READ_TIMEOUT_SECONDS": "60", "MAX_CONCURRENT_SCANS": "1"}
     with running_server(tmp_path, command=SERVE, env=env, db_path=db) as server:
         with socket.create_connection(host_port(server.base_url)) as sock:
-            sock.sendall(b"GET /messages?q=zq HTTP/1.1\r\nHost: t\r\n\r\n")
+            sock.sendall(b"GET /messages?q=zq HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             time.sleep(0.2)
         stopped = 'reads_stopped_total{reason="client_disconnected"}'
         deadline = time.monotonic() + 10

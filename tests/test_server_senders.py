@@ -32,6 +32,8 @@ pytestmark = pytest.mark.slow
 
 WHSEC = "whsec_" + base64.b64encode(b"k" * 32).decode()
 OLD = "the-old-secret"
+READ_TOKEN = "read-token-0123456789abcdef"
+METRICS_TOKEN = "metrics-token-0123456789abcdef"
 
 
 def call(
@@ -57,6 +59,9 @@ def test_every_sender_against_a_real_server(tmp_path: Path) -> None:
         "WEBHOOK_SECRET_PREVIOUS": OLD,
         "WHATSAPP_APP_SECRET": APP_SECRET,
         "WHATSAPP_VERIFY_TOKEN": VERIFY_TOKEN,
+        # A public endpoint: reads locked, as the service insists (docs/security.md).
+        "READ_TOKENS": READ_TOKEN,
+        "METRICS_TOKEN": METRICS_TOKEN,
     }
     with running_server(tmp_path, env=env) as server:
         url = server.base_url
@@ -80,7 +85,9 @@ def test_every_sender_against_a_real_server(tmp_path: Path) -> None:
         wa = meta_bytes(batch(change([text_message("wamid.1", body="¿qué tal?")])))
         signed = {"X-Hub-Signature-256": hub_signature(wa), "Content-Type": "application/json"}
         assert call(url, "/webhook/whatsapp", wa, signed) == (200, b'{"status":"ok"}')
-        metrics = call(url, "/metrics")[1].decode()
+        assert call(url, "/metrics")[0] == 401
+        scrape = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+        metrics = call(url, "/metrics", headers=scrape)[1].decode()
         assert 'webhook_signature_key_total{key="current"} 1.0' in metrics
         assert 'webhook_signature_key_total{key="previous"} 1.0' in metrics
         assert 'whatsapp_messages_total{result="created"} 1.0' in metrics

@@ -371,3 +371,24 @@ def test_the_window_comes_from_the_verifier() -> None:
     assert strict.verify(BODY, good, NOW + 10) == 0
     assert reason(strict.verify, BODY, good, NOW + 11) == EXPIRED
     assert reason(strict.verify, BODY, good, NOW - 2) == FUTURE
+
+
+# Standard Webhooks: what a forged header may cost
+
+
+def test_sixteen_entries_verify_and_seventeen_are_malformed_whatever_they_hold() -> None:
+    wrong = sign_standard_webhook("msg_1", NOW, BODY, OLD_KEY)
+    # The genuine signature last: before the limit it verified past any number of others.
+    sixteen = " ".join([wrong] * 15 + [_GOOD])
+    assert standard(signature=sixteen) == 0
+    seventeen = " ".join([wrong] * 16 + [_GOOD])
+    assert reason(standard, signature=seventeen) == MALFORMED
+    assert reason(standard, signature=" ".join([wrong] * 2000)) == MALFORMED
+
+
+def test_the_window_is_checked_before_the_signatures_are_read() -> None:
+    # A stale delivery is refused as stale, whatever its signature header holds: nothing
+    # of that header is parsed or digested first.
+    for signature in ["v1,not base64!", "x" * 1000, " ".join([_GOOD] * 2000)]:
+        assert reason(standard, signature=signature, now=NOW + 3600) == EXPIRED
+        assert reason(standard, signature=signature, now=NOW - 3600) == FUTURE

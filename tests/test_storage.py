@@ -13,7 +13,7 @@ import pytest
 
 from app.models import ListQuery, Message, instant_key
 from app.storage import QueryTooExpensive, SQLiteStore, sqlite_checkpoint
-from app.storage.migrations import apply_sqlite_schema, split_statements
+from app.storage.migrations import SCHEMA_VERSION, apply_sqlite_schema, split_statements
 from app.storage.postgres import PostgresStore
 from app.storage.sqlite_connection import PAGE_SIZE, init_sqlite
 from tests.support.bulk import fill_sqlite
@@ -142,13 +142,14 @@ async def test_deleting_rows_keeps_aggregates_true(tmp_path: Path) -> None:
 
 def test_schema_applies_idempotently(tmp_path: Path) -> None:
     path = str(tmp_path / "init.db")
-    assert init_sqlite(path) == 1
-    assert init_sqlite(path) == 1
+    assert init_sqlite(path) == SCHEMA_VERSION
+    assert init_sqlite(path) == SCHEMA_VERSION
     with sqlite3.connect(path, isolation_level=None) as conn:
-        assert apply_sqlite_schema(conn) == 1
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        assert apply_sqlite_schema(conn) == SCHEMA_VERSION
+        versions = conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
+        assert versions == [(version,) for version in range(1, SCHEMA_VERSION + 1)]
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
-    assert {"messages", "sender_counts", "message_totals", "messages_fts"} <= tables
+    assert {"messages", "sender_counts", "message_totals", "messages_fts", "rejections"} <= tables
 
 
 def test_split_statements_keeps_triggers_whole() -> None:

@@ -13,7 +13,9 @@ from fastapi import Depends, Request, Response
 from starlette.types import Receive
 
 from app.config import Settings
+from app.feed_hub import FeedHub
 from app.metrics import Metrics
+from app.rejections import RejectionRecorder
 from app.storage import MessageStore, QueryTooExpensive, StorageUnavailable
 
 logger = logging.getLogger("app.api")
@@ -38,6 +40,8 @@ class AppState(TypedDict):
     settings: Settings
     store: MessageStore
     metrics: Metrics
+    feed: FeedHub
+    recorder: RejectionRecorder
     body_budget: BodyBudget
 
 
@@ -60,9 +64,21 @@ async def get_metrics(request: Request) -> Metrics:
     return metrics
 
 
+async def get_feed_hub(request: Request) -> FeedHub:
+    hub: FeedHub = request.state.feed
+    return hub
+
+
+async def get_recorder(request: Request) -> RejectionRecorder:
+    recorder: RejectionRecorder = request.state.recorder
+    return recorder
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[MessageStore, Depends(get_store)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+FeedHubDep = Annotated[FeedHub, Depends(get_feed_hub)]
+RecorderDep = Annotated[RejectionRecorder, Depends(get_recorder)]
 
 
 def json_response(

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from pydantic import AfterValidator, BeforeValidator
 
 from app.api.deps import UNAVAILABLE, StoreDep, answer_read
@@ -16,7 +17,7 @@ from app.models import (
     Stats,
     check_instant,
     check_msisdn,
-    decode_cursor,
+    decode_position,
     instant_key,
     no_nul,
 )
@@ -42,8 +43,17 @@ def optional(check: Any) -> AfterValidator:
 
 
 def check_cursor(value: str) -> str:
-    decode_cursor(value)
+    decode_position(value)
     return value
+
+
+def wrong_order(cursor_descending: bool) -> dict[str, Any]:
+    issued = "desc" if cursor_descending else "asc"
+    return {
+        "loc": ["query", "cursor"],
+        "msg": f"was issued for order={issued}; pass the same order to continue",
+        "type": "value_error",
+    }
 
 
 # The routes return bytes serialised once by Pydantic (a Response, so FastAPI does not
@@ -67,6 +77,16 @@ async def list_messages(
         BeforeValidator(plus_for_space),
         optional(check_msisdn),
     ] = None,
+    recipient: Annotated[
+        str | None,
+        Query(
+            alias="to",
+            description="Exact recipient, E.164 (a leading space reads as '+')",
+            json_schema_extra={"pattern": SENDER_PATTERN},
+        ),
+        BeforeValidator(plus_for_space),
+        optional(check_msisdn),
+    ] = None,
     since: Annotated[
         str | None,
         Query(
@@ -75,6 +95,18 @@ async def list_messages(
         ),
         optional(check_instant),
     ] = None,
+    until: Annotated[
+        str | None,
+        Query(
+            description="Only messages with ts < until (exclusive; ISO-8601 UTC, like ts)",
+            json_schema_extra={"pattern": INSTANT_PATTERN},
+        ),
+        optional(check_instant),
+    ] = None,
+    order: Annotated[
+        Literal["asc", "desc"],
+        Query(description="asc: oldest first (the default); desc: newest first"),
+    ] = "asc",
     q: Annotated[
         str | None,
         Query(
@@ -87,19 +119,29 @@ async def list_messages(
     cursor: Annotated[
         str | None,
         Query(
-            description="next_cursor from the previous page: keyset paging",
+            description="next_cursor from the previous page (with the same order): keyset paging",
             json_schema_extra={"pattern": CURSOR_PATTERN},
         ),
         optional(check_cursor),
     ] = None,
 ) -> Response:
+    descending = order == "desc"
+    after = None
+    if cursor is not None:
+        *after_position, cursor_descending = decode_position(cursor)
+        if cursor_descending != descending:
+            raise RequestValidationError([wrong_order(cursor_descending)])
+        after = (after_position[0], after_position[1])
     query = ListQuery(
         limit=limit,
         offset=offset,
         sender=sender,
+        recipient=recipient,
         since_key=None if since is None else instant_key(since),
+        until_key=None if until is None else instant_key(until),
         q=q or None,
-        after=decode_cursor(cursor) if cursor is not None else None,
+        descending=descending,
+        after=after,
     )
     return await answer_read(
         request, store.list_messages(query), lambda page: page.model_dump_json().encode()

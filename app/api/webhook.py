@@ -26,6 +26,12 @@ from app.config import Settings
 from app.metrics import Metrics
 from app.middleware import DirectReply, RequestInfo, request_info
 from app.models import InvalidMessage, Message, parse_message
+from app.rejections import (
+    SIGNATURE_REASONS,
+    RejectionRecorder,
+    declared_size,
+    validation_reason,
+)
 from app.signature import InvalidSignature, Verifier
 from app.storage import MessageStore, StorageUnavailable
 
@@ -53,7 +59,7 @@ class WebhookEndpoint:
     """POST /webhook, as a direct handler: it returns the whole response and the
     observability middleware sends it (see ObservabilityMiddleware)."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, recorder: RejectionRecorder) -> None:
         self.limit = settings.max_body_bytes
         self.verifier = Verifier(
             settings.secrets(),
@@ -63,6 +69,7 @@ class WebhookEndpoint:
         )
         self.retry_after = str(settings.retry_after_seconds).encode()
         self.metrics = metrics
+        self.recorder = recorder
 
     async def __call__(self, scope: Scope, receive: Receive) -> DirectReply:
         if scope["method"] != "POST":
@@ -78,6 +85,8 @@ class WebhookEndpoint:
             raw = await read_body(receive, headers.get(b"content-length"), self.limit, lease)
         except PayloadTooLarge:
             self.outcome(info, "payload_too_large")
+            size = declared_size(headers.get(b"content-length"), self.limit)
+            self.recorder.refuse(scope, PATH, "body_too_large", size, request_id=info.request_id)
             # The rest of the body is never read, so the connection cannot be reused.
             return 413, b'{"detail":"payload too large"}', [(b"connection", b"close")]
         except BodyBudgetSpent:
@@ -93,13 +102,18 @@ class WebhookEndpoint:
 
         try:
             key_index = self.verifier.verify(raw, scope["headers"], time.time())
-        except InvalidSignature:
+        except InvalidSignature as exc:
             self.outcome(info, "invalid_signature")
+            reason = SIGNATURE_REASONS[exc.reason]
+            self.recorder.refuse(scope, PATH, reason, len(raw), request_id=info.request_id)
             return 401, b'{"detail":"invalid signature"}', []
         self.metrics.signature_key(key_index)
 
         if not is_json_content_type(headers.get(b"content-type")):
             self.outcome(info, "unsupported_media_type")
+            self.recorder.refuse(
+                scope, PATH, "unsupported_media_type", len(raw), request_id=info.request_id
+            )
             return 415, b'{"detail":"content type must be application/json"}', []
 
         try:
@@ -107,6 +121,10 @@ class WebhookEndpoint:
         except InvalidMessage as exc:
             info.field = exc.first_field()
             self.outcome(info, "validation_error")
+            reason, field = validation_reason(exc)
+            self.recorder.refuse(
+                scope, PATH, reason, len(raw), field=field, request_id=info.request_id
+            )
             return 422, exc.to_json(), []
 
         info.message_id = message.message_id
@@ -125,6 +143,8 @@ class WebhookEndpoint:
             )
         info.dup = not created
         self.outcome(info, "created" if created else "duplicate")
+        if not created:
+            self.recorder.check_duplicate(scope, PATH, message, len(raw), info.request_id)
         return 200, b'{"status":"ok"}', []
 
     def outcome(self, info: RequestInfo, result: str) -> None:

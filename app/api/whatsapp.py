@@ -32,6 +32,7 @@ from app.api.deps import (
     ClientDisconnected,
     MetricsDep,
     PayloadTooLarge,
+    RecorderDep,
     SettingsDep,
     StoreDep,
     json_response,
@@ -43,6 +44,13 @@ from app.config import Settings
 from app.metrics import Metrics
 from app.middleware import request_info
 from app.models import InvalidMessage, Message
+from app.rejections import (
+    FIELD_MAX,
+    SIGNATURE_REASONS,
+    RejectionRecorder,
+    declared_size,
+    validation_reason,
+)
 from app.signature import MALFORMED, InvalidSignature, StreamingHubVerifier
 from app.storage import MessageStore, StorageUnavailable
 
@@ -128,11 +136,18 @@ async def verify_subscription(
     },
 )
 async def receive_batch(
-    request: Request, settings: SettingsDep, store: StoreDep, metrics: MetricsDep
+    request: Request,
+    settings: SettingsDep,
+    store: StoreDep,
+    metrics: MetricsDep,
+    recorder: RecorderDep,
 ) -> Response:
     secret = settings.whatsapp_app_secret
     if secret is None:
         return json_response(b'{"detail":"Not Found"}', 404)
+    scope = request.scope
+    info = request_info(scope)
+    declared = _content_length(request.headers.get("content-length"))
     signatures = request.headers.getlist("x-hub-signature-256")
     try:
         if len(signatures) > 1:
@@ -140,8 +155,12 @@ async def receive_batch(
         verifier = StreamingHubVerifier(
             signatures[0] if signatures else None, [secret.get_secret_value().encode()]
         )
-    except InvalidSignature:
+    except InvalidSignature as exc:
         metrics.whatsapp("invalid_signature")
+        size = int(declared) if declared is not None and declared.isdigit() else 0
+        recorder.refuse(
+            scope, PATH, SIGNATURE_REASONS[exc.reason], size, request_id=info.request_id
+        )
         # Refused before the body: none of it is read, so the connection cannot be reused.
         return json_response(
             b'{"detail":"invalid signature"}', 401, headers={"connection": "close"}
@@ -150,19 +169,18 @@ async def receive_batch(
     with BodyLease(request.state.body_budget) as lease:
         try:
             raw = await read_body(
-                request.receive,
-                _content_length(request.headers.get("content-length")),
-                settings.whatsapp_max_body_bytes,
-                lease,
-                verifier.update,
+                request.receive, declared, settings.whatsapp_max_body_bytes, lease, verifier.update
             )
         except PayloadTooLarge:
             metrics.whatsapp("payload_too_large")
+            size = declared_size(declared, settings.whatsapp_max_body_bytes)
+            recorder.refuse(scope, PATH, "body_too_large", size, request_id=info.request_id)
             # The rest of the body is never read, so the connection cannot be reused.
             return json_response(
                 b'{"detail":"payload too large"}', 413, headers={"connection": "close"}
             )
         except BodyBudgetSpent:
+            # The server's state, not the delivery's fault: not recorded as a refusal.
             metrics.whatsapp("overloaded")
             return json_response(
                 OVERLOADED,
@@ -177,21 +195,31 @@ async def receive_batch(
             return json_response(b'{"detail":"client disconnected"}', 400)
         try:
             verifier.verify()
-        except InvalidSignature:
+        except InvalidSignature as exc:
             metrics.whatsapp("invalid_signature")
+            reason = SIGNATURE_REASONS[exc.reason]
+            recorder.refuse(scope, PATH, reason, len(raw), request_id=info.request_id)
             return json_response(b'{"detail":"invalid signature"}', 401)
-        return await take_batch(raw, request, settings, store, metrics)
+        return await take_batch(raw, request, settings, store, metrics, recorder)
 
 
 async def take_batch(
-    raw: bytes, request: Request, settings: Settings, store: MessageStore, metrics: Metrics
+    raw: bytes,
+    request: Request,
+    settings: Settings,
+    store: MessageStore,
+    metrics: Metrics,
+    recorder: RejectionRecorder,
 ) -> Response:
-    """Parse, store and count a verified batch."""
-    info = request_info(request.scope)
+    """Parse, store and count a verified batch, a slice at a time."""
+    scope = request.scope
+    info = request_info(scope)
     try:
         batch = await parse_batch_in_slices(raw)
     except InvalidMessage as exc:
         metrics.whatsapp("invalid_payload")
+        reason, field = validation_reason(exc)
+        recorder.refuse(scope, PATH, reason, len(raw), field=field, request_id=info.request_id)
         return json_response(exc.to_json(), 422)
 
     outcomes = await store_all(store, batch.messages)
@@ -211,6 +239,22 @@ async def take_batch(
 
     # Counted once the batch is taken, so that a retried batch does not count them twice.
     record_skipped(batch, info.request_id, metrics)
+    for index, (where, problem) in enumerate(batch.invalid, 1):
+        recorder.refuse(
+            scope,
+            PATH,
+            "invalid_field",
+            len(raw),
+            field=skipped_field(where, problem),
+            request_id=info.request_id,
+        )
+        if index % SLICE == 0:
+            await asyncio.sleep(0)
+    for index, (message, outcome) in enumerate(zip(batch.messages, outcomes, strict=True), 1):
+        if outcome is False:
+            recorder.check_duplicate(scope, PATH, message, len(raw), info.request_id)
+        if index % SLICE == 0:
+            await asyncio.sleep(0)
     for status, count in Counter(batch.statuses).items():
         metrics.whatsapp_status(status, count)
     metrics.whatsapp("accepted")
@@ -226,6 +270,15 @@ async def take_batch(
         },
     )
     return json_response(b'{"status":"ok"}')
+
+
+def skipped_field(where: str, problem: str) -> str:
+    """Where a skipped message's first problem is: `entry[0]...messages[2].from`.
+
+    A problem reads `field: why` (InvalidPart names fields, never values)."""
+    name, colon, _ = problem.partition(":")
+    field = f"{where}.{name}" if colon and " " not in name else where
+    return field[:FIELD_MAX]
 
 
 def _content_length(value: str | None) -> bytes | None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from app.models import ListQuery, Message, MessagePage, Stats
+from app.models import FeedQuery, ListQuery, Message, MessagePage, Stats
+from app.records import ConversationPage, Refusal, RejectionPage, StoredContent, TimelineRange
+from app.storage.feed import FeedBatch, FeedSignal
 
 
 class StorageUnavailable(Exception):
@@ -51,6 +53,36 @@ class MessageStore(Protocol):
     async def list_messages(self, query: ListQuery) -> MessagePage: ...
 
     async def stats(self) -> Stats: ...
+
+    async def read_feed(self, query: FeedQuery) -> FeedBatch:
+        """Rows with position > query.after in position order, never one that could be
+        followed by a lower position later (docs/feed.md)."""
+        ...
+
+    @property
+    def feed_signal(self) -> FeedSignal:
+        """Notified on the event loop whenever rows may have become readable."""
+
+    async def conversations(self, limit: int, after: tuple[str, str] | None) -> ConversationPage:
+        """Senders, most recent last message first; `after` is the previous page's last
+        (last ts_key, last message_id)."""
+        ...
+
+    async def timeline(self, span: TimelineRange) -> dict[str, int]:
+        """Messages per bucket of `span` that has any, keyed like span.key()."""
+        ...
+
+    async def rejections(self, limit: int, before: int | None) -> RejectionPage:
+        """Refused deliveries, newest first, with ids below `before` if given."""
+        ...
+
+    async def record_rejections(self, refusals: Sequence[Refusal], keep: int) -> None:
+        """Append refusals, keeping only the newest `keep` rows."""
+        ...
+
+    async def stored_contents(self, ids: Sequence[str]) -> dict[str, StoredContent]:
+        """(from, to, ts_key, text) of the stored messages among `ids`, by id."""
+        ...
 
     async def ping(self) -> None:
         """Raise StorageUnavailable unless the database answers, has our schema and writes."""

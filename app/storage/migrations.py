@@ -15,7 +15,7 @@ from importlib import resources
 
 import asyncpg
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 3
 BACKENDS = ("sqlite", "postgres")
 # Any constant will do, as long as nothing else in the database takes this advisory lock.
 POSTGRES_MIGRATION_LOCK = 0x5765_6268_6F6F_6B31  # "Webhook1"

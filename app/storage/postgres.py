@@ -34,10 +34,20 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
-from app.models import ListQuery, Message, MessagePage, SenderCount, Stats
-from app.storage.base import QueryTooExpensive, StorageUnavailable, is_scan
+from app.models import FeedQuery, ListQuery, Message, MessagePage, SenderCount, Stats
+from app.records import ConversationPage, Refusal, RejectionPage, StoredContent, TimelineRange
+from app.storage import postgres_console as console
+from app.storage.base import StorageUnavailable, is_scan
+from app.storage.feed import FeedBatch, FeedSignal
 from app.storage.migrations import SCHEMA_VERSION
-from app.storage.postgres_connect import DATABASE_ERRORS, describe, migrate, open_pools
+from app.storage.postgres_connect import (
+    DATABASE_ERRORS,
+    bounded_read,
+    describe,
+    migrate,
+    open_pools,
+)
+from app.storage.postgres_feed import FeedChannel, feed_batch, feed_statement
 from app.storage.postgres_sql import (
     CHECK_SCHEMA,
     HAS_TRIGRAM_INDEX,
@@ -89,6 +99,10 @@ class PostgresStore:
         self._pool = pool
         self._read_pool = read_pool
         self._probe_pool = probe_pool
+        self.feed_signal = FeedSignal()
+        # Its own connection, beside the pools: LISTEN for the other replicas' commits and
+        # NOTIFY them of ours (app/storage/postgres_feed.py). Set by open().
+        self._feed_channel: FeedChannel | None = None
         self._write_timeout = write_timeout
         self._read_timeout = read_timeout
         self._scan_slots = asyncio.Semaphore(max_scans)
@@ -123,19 +137,20 @@ class PostgresStore:
         )
         try:
             trigram_index = bool(await read_pool.fetchval(HAS_TRIGRAM_INDEX))
+            store = cls(
+                pool,
+                read_pool=read_pool,
+                probe_pool=probe_pool,
+                write_timeout=write_timeout,
+                read_timeout=read_timeout,
+                max_scans=max_scans,
+                trigram_index=trigram_index,
+            )
+            store._feed_channel = await FeedChannel.open(url, store.feed_signal)
         except BaseException:
             for opened in (pool, read_pool, probe_pool):
                 opened.terminate()
             raise
-        store = cls(
-            pool,
-            read_pool=read_pool,
-            probe_pool=probe_pool,
-            write_timeout=write_timeout,
-            read_timeout=read_timeout,
-            max_scans=max_scans,
-            trigram_index=trigram_index,
-        )
         store._folder = asyncio.create_task(
             store._fold_forever(fold_interval), name="fold-message-counts"
         )
@@ -169,20 +184,17 @@ class PostgresStore:
             flusher = asyncio.create_task(self._flush())
             self._flushers.add(flusher)
             flusher.add_done_callback(self._flushers.discard)
-        if futures:
-            await asyncio.wait(futures, timeout=self._write_timeout)
+        await asyncio.wait(futures, timeout=self._write_timeout)
         outcomes: list[bool | StorageUnavailable] = []
         for future in futures:
             if not future.done():
                 # The rows may still commit later; a retry then finds them stored.
                 future.cancel()
                 outcomes.append(StorageUnavailable("write timed out"))
-            elif isinstance(error := future.exception(), StorageUnavailable):
-                outcomes.append(error)
-            elif error is not None:
-                raise error
+            elif (error := future.exception()) is None or isinstance(error, StorageUnavailable):
+                outcomes.append(error or future.result())
             else:
-                outcomes.append(future.result())
+                raise error
         return outcomes
 
     async def _flush(self) -> None:
@@ -206,7 +218,7 @@ class PostgresStore:
 
         async def run(conn: Connection) -> set[str]:
             try:
-                records = await conn.fetch(INSERT_MANY, *columns, now)
+                records = await self._insert_rows(conn, columns, now)
             except ROW_ERRORS as exc:
                 raise RowRejected(describe(exc)) from None
             return {record[0] for record in records}
@@ -229,12 +241,29 @@ class PostgresStore:
             _fail(batch, StorageUnavailable("insert failed"))
             return
         self._healthy = True
+        if created and self._feed_channel is not None:
+            self._feed_channel.committed()
         for row, future in batch:
             # Only the first delivery of an id in this batch reports it as new.
             new = row[0] in created
             created.discard(row[0])
             if not future.done():
                 future.set_result(new)
+
+    async def _insert_rows(
+        self, conn: Connection, columns: list[list[Any]], now: str
+    ) -> list[asyncpg.Record]:
+        # One autocommit statement, hence one INSERT per transaction: the feed positions
+        # rely on it (app/storage/postgres_sql.py).
+        return list(await conn.fetch(INSERT_MANY, *columns, now))
+
+    async def read_feed(self, query: FeedQuery) -> FeedBatch:
+        sql, args = feed_statement(query)
+
+        async def run(conn: Connection) -> list[asyncpg.Record]:
+            return list(await conn.fetch(sql, *args))
+
+        return feed_batch(await self._read(run), query)
 
     async def list_messages(self, query: ListQuery) -> MessagePage:
         sql, args = list_statement(query)
@@ -263,6 +292,23 @@ class PostgresStore:
             first_message_ts=record["first_ts"],
             last_message_ts=record["last_ts"],
         )
+
+    async def conversations(self, limit: int, after: tuple[str, str] | None) -> ConversationPage:
+        return await self._read(lambda conn: console.conversations_page(conn, limit, after))
+
+    async def timeline(self, span: TimelineRange) -> dict[str, int]:
+        return await self._read(lambda conn: console.timeline_counts(conn, span))
+
+    async def rejections(self, limit: int, before: int | None) -> RejectionPage:
+        return await self._read(lambda conn: console.rejections_page(conn, limit, before))
+
+    async def record_rejections(self, refusals: Sequence[Refusal], keep: int) -> None:
+        await self._with_connection(
+            lambda conn: console.write_rejections(conn, refusals, keep), self._write_timeout
+        )
+
+    async def stored_contents(self, ids: Sequence[str]) -> dict[str, StoredContent]:
+        return await self._read(lambda conn: console.stored_contents(conn, ids))
 
     async def ping(self) -> None:
         async def run(conn: Connection) -> int | None:
@@ -299,6 +345,8 @@ class PostgresStore:
     async def close(self) -> None:
         if self._flushers:
             await asyncio.wait(self._flushers, timeout=self._write_timeout)
+        if self._feed_channel is not None:
+            await self._feed_channel.close()
         if self._folder is not None:
             self._folder.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -325,32 +373,8 @@ class PostgresStore:
             raise StorageUnavailable(describe(exc)) from None
 
     async def _read(self, fn: Callable[[Connection], Awaitable[T]], *, scan: bool = False) -> T:
-        """`fn` on the read pool, within the read deadline; a scan waits for a slot first.
-
-        Past the deadline while waiting for a slot or running: QueryTooExpensive. Past it
-        while waiting for a connection (the database does not answer): StorageUnavailable.
-        """
-        phase = "slot"
-        try:
-            async with asyncio.timeout(self._read_timeout):
-                async with self._scan_slots if scan else contextlib.nullcontext():
-                    phase = "connection"
-                    async with self._read_pool.acquire() as conn:
-                        phase = "statement"
-                        return await fn(conn)
-        except asyncpg.QueryCanceledError:
-            # statement_timeout: the server stopped it.
-            raise QueryTooExpensive(
-                f"read stopped at its {self._read_timeout:g} s deadline"
-            ) from None
-        except TimeoutError:
-            if phase == "connection":
-                raise StorageUnavailable("no read connection within the read deadline") from None
-            raise QueryTooExpensive(
-                f"read stopped at its {self._read_timeout:g} s deadline ({phase})"
-            ) from None
-        except DATABASE_ERRORS as exc:
-            raise StorageUnavailable(describe(exc)) from None
+        slots = self._scan_slots if scan else None
+        return await bounded_read(self._read_pool, fn, self._read_timeout, slots)
 
     async def _fold_forever(self, interval: float) -> None:
         failing = False

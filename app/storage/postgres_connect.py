@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import asyncpg
 
-from app.storage.base import StorageUnavailable
+from app.storage.base import QueryTooExpensive, StorageUnavailable
 from app.storage.migrations import SCHEMA_VERSION, apply_postgres_schema
 
 logger = logging.getLogger("app.storage")
@@ -30,6 +33,8 @@ TRANSIENT_AT_START = (
     asyncpg.TooManyConnectionsError,
 )
 CONNECT_TIMEOUT_SECONDS = 5.0
+
+T = TypeVar("T")
 
 
 def describe(exc: BaseException) -> str:
@@ -78,6 +83,38 @@ async def open_pools(
         raise
     writes_pool, reads_pool, probes_pool = pools
     return writes_pool, reads_pool, probes_pool
+
+
+async def bounded_read(
+    pool: asyncpg.Pool,
+    fn: Callable[[Any], Awaitable[T]],
+    timeout: float,
+    scan_slots: asyncio.Semaphore | None = None,
+) -> T:
+    """`fn` on a connection of the read pool, within `timeout`; a scan (`scan_slots`
+    given) waits for a slot first, within the same deadline.
+
+    Past the deadline while waiting for a slot or running: QueryTooExpensive (the server
+    stops a statement at its statement_timeout; a cancelled one gets a cancel request).
+    Past it while waiting for a connection (the database does not answer):
+    StorageUnavailable.
+    """
+    phase = "slot"
+    try:
+        async with asyncio.timeout(timeout):
+            async with scan_slots if scan_slots is not None else contextlib.nullcontext():
+                phase = "connection"
+                async with pool.acquire() as conn:
+                    phase = "statement"
+                    return await fn(conn)
+    except asyncpg.QueryCanceledError:
+        raise QueryTooExpensive(f"read stopped at its {timeout:g} s deadline") from None
+    except TimeoutError:
+        if phase == "connection":
+            raise StorageUnavailable("no read connection within the read deadline") from None
+        raise QueryTooExpensive(f"read stopped at its {timeout:g} s deadline ({phase})") from None
+    except DATABASE_ERRORS as exc:
+        raise StorageUnavailable(describe(exc)) from None
 
 
 async def migrate(url: str, *, startup_timeout: float = 0.0) -> int:

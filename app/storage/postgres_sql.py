@@ -7,17 +7,24 @@ from typing import Any
 from app.models import ListQuery
 
 # Many rows in one statement (one transaction, one WAL flush); duplicates inside the batch
-# are fine: the first is inserted, the others meet it and do nothing.
+# are fine: the first is inserted, the others meet it and do nothing. The feed position is
+# the transaction's xid8 << 16 plus the row's ordinal in the statement, which is unique
+# because this is the only INSERT of its transaction: it always runs as one autocommit
+# statement (docs/feed.md). A duplicate burns its ordinal.
 INSERT_MANY = (
     "INSERT INTO messages"
-    " (message_id, from_msisdn, to_msisdn, ts, text, ts_key, text_folded, created_at)"
-    " SELECT r.*, $8 FROM unnest("
-    "$1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[]) AS r"
+    " (message_id, from_msisdn, to_msisdn, ts, text, ts_key, text_folded, created_at, position)"
+    " SELECT r.message_id, r.from_msisdn, r.to_msisdn, r.ts, r.text, r.ts_key, r.text_folded,"
+    " $8, (pg_current_xact_id()::text::bigint << 16) + r.ordinal FROM unnest("
+    "$1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])"
+    " WITH ORDINALITY AS r (message_id, from_msisdn, to_msisdn, ts, text, ts_key, text_folded,"
+    " ordinal)"
     " ON CONFLICT (message_id) DO NOTHING RETURNING message_id"
 )
-# Rows per statement at most; a bigger burst is sent as several.
+# Rows per statement at most; a bigger burst is sent as several. Below 2^16: the ordinal
+# must fit beside the xid in a position.
 MAX_BATCH = 256
-_COLUMNS = "message_id, from_msisdn, to_msisdn, ts, text, ts_key"
+_COLUMNS = "message_id, from_msisdn, to_msisdn, ts, text, ts_key, created_at"
 _TOTAL = (
     "(SELECT total FROM message_totals WHERE id = 1)"
     " + (SELECT coalesce(sum(delta), 0) FROM message_count_deltas)"
@@ -83,8 +90,12 @@ def list_statement(query: ListQuery) -> tuple[str, list[Any]]:
 
     if query.sender is not None:
         clauses.append(f"from_msisdn = {arg(query.sender)}")
+    if query.recipient is not None:
+        clauses.append(f"to_msisdn = {arg(query.recipient)}")
     if query.since_key is not None:
         clauses.append(f"ts_key >= {arg(query.since_key)}")
+    if query.until_key is not None:
+        clauses.append(f"ts_key < {arg(query.until_key)}")
     if query.q:
         # The folded column is compared with the folded term, so LIKE's case-sensitivity
         # is what we want; the trigram index serves it when pg_trgm is installed.
@@ -93,14 +104,16 @@ def list_statement(query: ListQuery) -> tuple[str, list[Any]]:
     page_clauses = list(clauses)
     if query.after is not None:
         ts_key, message_id = query.after
-        page_clauses.append(f"(ts_key, message_id) > ({arg(ts_key)}, {arg(message_id)})")
+        after = "<" if query.descending else ">"
+        page_clauses.append(f"(ts_key, message_id) {after} ({arg(ts_key)}, {arg(message_id)})")
     where = f" WHERE {' AND '.join(page_clauses)}" if page_clauses else ""
     limit, offset = arg(query.limit + 1), arg(query.offset)
+    desc = " DESC" if query.descending else ""
     sql = (
         f"SELECT counted.total, {', '.join('page.' + c for c in _COLUMNS.split(', '))}"
         f" FROM (SELECT {total} AS total) AS counted LEFT JOIN LATERAL ("
         f"SELECT {_COLUMNS} FROM messages{where}"
-        f" ORDER BY ts_key, message_id LIMIT {limit} OFFSET {offset}"
-        ") AS page ON true ORDER BY page.ts_key, page.message_id"
+        f" ORDER BY ts_key{desc}, message_id{desc} LIMIT {limit} OFFSET {offset}"
+        f") AS page ON true ORDER BY page.ts_key{desc}, page.message_id{desc}"
     )
     return sql, args

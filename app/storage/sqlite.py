@@ -22,8 +22,17 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from app.models import ListQuery, Message, MessagePage, Stats
+from app.models import FeedQuery, ListQuery, Message, MessagePage, Stats
+from app.records import (
+    KEY_LENGTH,
+    ConversationPage,
+    Refusal,
+    RejectionPage,
+    StoredContent,
+    TimelineRange,
+)
 from app.storage.base import QueryTooExpensive, StorageUnavailable, is_scan
+from app.storage.feed import FeedBatch, FeedSignal
 from app.storage.migrations import apply_sqlite_schema
 from app.storage.rows import Row, message_row
 from app.storage.sqlite_checkpoint import Checkpointer
@@ -32,6 +41,14 @@ from app.storage.sqlite_connection import (
     describe_sqlite_error,
     prepare_database_file,
 )
+from app.storage.sqlite_console import (
+    conversations_page,
+    rejections_page,
+    stored_contents,
+    timeline_counts,
+    write_rejections,
+)
+from app.storage.sqlite_feed import read_feed
 from app.storage.sqlite_readers import ReaderPool, ReadTicket, await_read, run_ticket
 from app.storage.sqlite_reads import check_schema, list_page, probe_write, read_stats
 from app.storage.sqlite_writer import SEARCH_BATCH, STOP, Call, Insert, Writer
@@ -88,6 +105,10 @@ class SQLiteStore:
         self._probe: asyncio.Future[None] | None = None
         # The reads of a :memory: database in flight (they run on the writer thread).
         self._tickets: set[ReadTicket] = set()
+        self.feed_signal = FeedSignal()
+        # The highest committed position, as the event loop last heard from the writer.
+        self._committed_position = writer.next_position - 1
+        writer.on_commit = self._committed
 
     @classmethod
     async def open(
@@ -199,6 +220,32 @@ class SQLiteStore:
 
     async def stats(self) -> Stats:
         return await self._read(read_stats)
+
+    async def read_feed(self, query: FeedQuery) -> FeedBatch:
+        committed = self._committed_position  # before the query: see read_feed()
+        return await self._read(lambda conn: read_feed(conn, query, committed))
+
+    def _committed(self, position: int) -> None:
+        self._committed_position = max(self._committed_position, position)
+        self.feed_signal.notify()
+
+    async def conversations(self, limit: int, after: tuple[str, str] | None) -> ConversationPage:
+        return await self._read(lambda conn: conversations_page(conn, limit, after))
+
+    async def timeline(self, span: TimelineRange) -> dict[str, int]:
+        key_length = KEY_LENGTH[span.bucket]
+        return await self._read(
+            lambda conn: timeline_counts(conn, span.start_hour, span.end_hour, key_length)
+        )
+
+    async def rejections(self, limit: int, before: int | None) -> RejectionPage:
+        return await self._read(lambda conn: rejections_page(conn, limit, before))
+
+    async def record_rejections(self, refusals: Sequence[Refusal], keep: int) -> None:
+        await self._write_call(lambda conn: write_rejections(conn, refusals, keep))
+
+    async def stored_contents(self, ids: Sequence[str]) -> dict[str, StoredContent]:
+        return await self._read(lambda conn: stored_contents(conn, ids))
 
     async def ping(self) -> None:
         def check(conn: sqlite3.Connection) -> None:

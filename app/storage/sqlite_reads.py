@@ -14,7 +14,7 @@ from app.storage.sqlite_connection import rollback
 
 # After a failed write, readiness wants this much room in the database and on its disk.
 PROBE_ROOM_BYTES = 1024 * 1024
-_COLUMNS = "message_id, from_msisdn, to_msisdn, ts, text, ts_key"
+_COLUMNS = "message_id, from_msisdn, to_msisdn, ts, text, ts_key, created_at"
 
 
 def _filters(query: ListQuery) -> tuple[list[str], list[Any]]:
@@ -23,9 +23,15 @@ def _filters(query: ListQuery) -> tuple[list[str], list[Any]]:
     if query.sender is not None:
         clauses.append("from_msisdn = ?")
         params.append(query.sender)
+    if query.recipient is not None:
+        clauses.append("to_msisdn = ?")
+        params.append(query.recipient)
     if query.since_key is not None:
         clauses.append("ts_key >= ?")
         params.append(query.since_key)
+    if query.until_key is not None:
+        clauses.append("ts_key < ?")
+        params.append(query.until_key)
     if query.q:
         folded = query.q.casefold()
         if len(folded) >= TRIGRAM:
@@ -55,11 +61,12 @@ def list_page(conn: sqlite3.Connection, query: ListQuery) -> MessagePage:
             total = conn.execute("SELECT total FROM message_totals WHERE id = 1").fetchone()[0]
         page_clauses, page_params = list(clauses), list(params)
         if query.after is not None:
-            page_clauses.append("(ts_key, message_id) > (?, ?)")
+            page_clauses.append(f"(ts_key, message_id) {'<' if query.descending else '>'} (?, ?)")
             page_params.extend(query.after)
         where = " WHERE " + " AND ".join(page_clauses) if page_clauses else ""
+        order = "ts_key DESC, message_id DESC" if query.descending else "ts_key, message_id"
         rows = conn.execute(
-            f"SELECT {_COLUMNS} FROM messages{where} ORDER BY ts_key, message_id LIMIT ? OFFSET ?",
+            f"SELECT {_COLUMNS} FROM messages{where} ORDER BY {order} LIMIT ? OFFSET ?",
             [*page_params, query.limit + 1, query.offset],
         ).fetchall()
     finally:

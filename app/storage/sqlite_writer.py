@@ -48,9 +48,9 @@ SEARCH_BATCH = 2000
 def _insert_group(rows: int) -> str:
     return (
         "INSERT INTO messages"
-        " (message_id, from_msisdn, to_msisdn, ts, text, ts_key, text_folded, created_at)"
-        " VALUES "
-        + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
+        " (message_id, from_msisdn, to_msisdn, ts, text, ts_key, text_folded, created_at,"
+        " position) VALUES "
+        + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
         + " ON CONFLICT (message_id) DO NOTHING"
     )
 
@@ -77,15 +77,30 @@ class Call:
 
 STOP = object()
 Settlement = tuple[asyncio.Future[Any], Any, BaseException | None]
+# Where the next position starts: past every stored one and every deleted one.
+_NEXT_POSITION = (
+    "SELECT 1 + max(coalesce((SELECT max(position) FROM messages), 0),"
+    " (SELECT high_water FROM feed_state WHERE id = 1))"
+)
 
 
 class Writer(threading.Thread):
     """Owns the writer connection; commits queued inserts in groups."""
 
-    def __init__(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        loop: asyncio.AbstractEventLoop,
+        on_commit: Callable[[int], None] | None = None,
+    ) -> None:
         super().__init__(name="sqlite-writer", daemon=True)
         self.conn = conn
         self.loop = loop
+        # Feed positions come from this counter, in the order groups are committed: one
+        # writer, so commit order is position order (docs/feed.md). Called on the loop
+        # after each commit with the highest position that is now committed.
+        self.next_position: int = conn.execute(_NEXT_POSITION).fetchone()[0]
+        self.on_commit = on_commit
         self.search = SearchIndexer(conn)
         # Inserts arrive in lists: the event loop hands over everything that arrived in
         # one turn at once (see SQLiteStore.insert).
@@ -139,7 +154,14 @@ class Writer(threading.Thread):
         if not batch:
             return
         try:
-            created = self._insert_all(batch)
+            try:
+                created = self._insert_all(batch)
+            except sqlite3.IntegrityError as exc:
+                if "messages.position" not in str(exc):
+                    raise
+                # Another program inserted rows behind our back: start past them.
+                self.next_position = self.conn.execute(_NEXT_POSITION).fetchone()[0]
+                created = self._insert_all(batch)
         except sqlite3.OperationalError as exc:
             # Locked, full, read-only, I/O: the environment, not the rows. Fail them all.
             self.healthy = False
@@ -162,13 +184,21 @@ class Writer(threading.Thread):
         self.healthy = True
         self.committed.set()
         self._settle(
-            [(job.future, was_new, None) for job, was_new in zip(batch, created, strict=True)]
+            [(job.future, was_new, None) for job, was_new in zip(batch, created, strict=True)],
+            committed=self.next_position - 1 if any(created) else None,
         )
 
     def _insert_all(self, batch: list[Insert]) -> list[bool]:
         conn = self.conn
         now = utc_now()
-        params = [value for job in batch for value in (*job.row, now)]
+        first = self.next_position
+        # Taken whether or not the statement commits: a gap, never a reuse.
+        self.next_position = first + len(batch)
+        params = [
+            value
+            for position, job in enumerate(batch, first)
+            for value in (*job.row, now, position)
+        ]
         # One statement outside any BEGIN: SQLite runs it as its own transaction, takes
         # the write lock first and commits (fsync'd) before it returns. One call means
         # one trip away from and back to the GIL instead of three (BEGIN, INSERT,
@@ -199,11 +229,11 @@ class Writer(threading.Thread):
         else:
             self._settle([(job.future, result, None)])
 
-    def _settle(self, settlements: list[Settlement]) -> None:
+    def _settle(self, settlements: list[Settlement], committed: int | None = None) -> None:
         # One wake-up of the event loop per group, not one per request.
         # RuntimeError: the loop is closed, so nobody is waiting any more.
         with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(_settle_all, settlements)
+            self.loop.call_soon_threadsafe(_settle_all, settlements, committed, self.on_commit)
 
 
 class SearchIndexer:
@@ -256,7 +286,11 @@ class SearchIndexer:
         self.indexed_through = upto if upto is not None else self.last_rowid
 
 
-def _settle_all(settlements: list[Settlement]) -> None:
+def _settle_all(
+    settlements: list[Settlement],
+    committed: int | None,
+    on_commit: Callable[[int], None] | None,
+) -> None:
     for future, result, error in settlements:
         if future.done():  # the request timed out or went away
             continue
@@ -264,3 +298,5 @@ def _settle_all(settlements: list[Settlement]) -> None:
             future.set_exception(error)
         else:
             future.set_result(result)
+    if committed is not None and on_commit is not None:
+        on_commit(committed)

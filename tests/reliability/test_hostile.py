@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ MARKER = "zq7marker"
 
 def signed_post(body: bytes, extra: str = "", content_type: str = "application/json") -> bytes:
     return (
-        f"POST /webhook HTTP/1.1\r\nHost: test\r\nContent-Type: {content_type}\r\n"
+        f"POST /webhook HTTP/1.1\r\nHost: localhost\r\nContent-Type: {content_type}\r\n"
         f"X-Signature: {sign(body, SECRET.encode())}\r\nContent-Length: {len(body)}\r\n"
         f"{extra}\r\n"
     ).encode() + body
@@ -52,21 +53,21 @@ def chunked(body: bytes, size: int = 4096) -> bytes:
 
 def get(path: str, extra: str = "") -> bytes:
     """A GET; `extra` is more header lines, joined by CRLF."""
-    head = f"GET {path} HTTP/1.1\r\nHost: test\r\n"
+    head = f"GET {path} HTTP/1.1\r\nHost: localhost\r\n"
     return (head + (extra + "\r\n" if extra else "") + "\r\n").encode("latin-1")
 
 
 def raw(head: str, body: bytes = b"") -> bytes:
     """A request from a head written with bare newlines: 'POST /webhook\nName: value'."""
     request_line, _, headers = head.partition("\n")
-    lines = [f"{request_line} HTTP/1.1", "Host: test", *headers.splitlines()]
+    lines = [f"{request_line} HTTP/1.1", "Host: localhost", *headers.splitlines()]
     if body and "content-length" not in head.lower():
         lines.append(f"Content-Length: {len(body)}")
     return "\r\n".join([*lines, "", ""]).encode("latin-1") + body
 
 
 def chunked_post(body: bytes, extra: str = "") -> bytes:
-    head = f"POST /webhook HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n{extra}\r\n"
+    head = f"POST /webhook HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n{extra}\r\n"
     return head.encode() + chunked(body)
 
 
@@ -133,15 +134,23 @@ CASES = [
     case("negative length", raw("POST /webhook\nContent-Length: -1"), 400, None),
     case("bad chunk size", chunked_post(VALID).replace(b"\r\n\r\n", b"\r\n\r\nzz", 1), 400, None),
     case("line folding", get("/health/live", f"X-A: a\r\n b{MARKER}"), 200, 400, None),
-    case("bare lf", b"GET /health/live HTTP/1.1\nHost: t\n\n", 200, 400, None),
+    case("bare lf", b"GET /health/live HTTP/1.1\nHost: localhost\n\n", 200, 400, None),
     case("nul in header", get("/health/live", f"X-A: a\x00{MARKER}"), 400, None),
     case("http/0.9", b"GET /health/live\r\n\r\n", 200, 400, None),
     case("http/2 preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400, None),
     case("garbage", MARKER.encode() * 100 + b"\r\n\r\n", 400, None),
     case("http/1.0 without host", b"GET /health/live HTTP/1.0\r\n\r\n", 200),
+    # Hosts (ALLOWED_HOSTS): a DNS-rebinding page names its own; probes are exempt.
+    case("read without host", b"GET /messages HTTP/1.0\r\n\r\n", 400),
+    case("rebinding host", get("/messages").replace(b"localhost", b"rebind.example:8000"), 400),
+    case("two hosts", get("/stats", "Host: evil.example"), 400),
+    case("slash redirect", get(f"/messages/?q={MARKER}").replace(b"localhost", b"e.example"), 400),
+    case("trailing slash", get(f"/messages/?q={MARKER}"), 404),
+    case("probe by pod ip", get("/health/ready").replace(b"localhost", b"10.0.0.7:8000"), 200),
     # Paths and queries.
     case("non-utf-8 path", b"GET /\xff" + MARKER.encode() + b" HTTP/1.1\r\n\r\n", 400, 404, None),
     case("encoded nul in path", get(f"/webhook%00{MARKER}"), 404),
+    case("terminal escapes in path", get(f"/%C2%9B2J%E2%80%AE{MARKER}%1B[0m"), 404),
     case("dot segments", get(f"/../../etc/passwd?{MARKER}"), 404, 400),
     case("absolute-form url", get("http://evil.example/health/live"), 200, 400, 404),
     case("limit too big", get("/messages?limit=" + "9" * 40), 422),
@@ -188,7 +197,7 @@ def test_hostile_input_is_refused_cleanly(server: Server, hostile: Case) -> None
 @pytest.mark.parametrize("method", METHODS)
 def test_wrong_method_on_webhook_is_405_with_allow(server: Server, method: str) -> None:
     answer = raw_exchange(
-        server.base_url, f"{method} /webhook HTTP/1.1\r\nHost: t\r\n\r\n".encode()
+        server.base_url, f"{method} /webhook HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
     )
     assert status_of(answer) == 405
     assert b"\r\nallow: POST\r\n" in answer
@@ -196,7 +205,7 @@ def test_wrong_method_on_webhook_is_405_with_allow(server: Server, method: str) 
 
 def test_wrong_method_on_a_read_route_is_405_with_allow(server: Server) -> None:
     answer = raw_exchange(
-        server.base_url, b"POST /messages HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n"
+        server.base_url, b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n"
     )
     assert status_of(answer) == 405
     assert b"\r\nallow: GET\r\n" in answer
@@ -222,4 +231,8 @@ def test_nothing_hostile_reached_the_logs_as_an_error(server: Server) -> None:
     # The path is logged as it came (it is how scanners show up); nothing else may carry
     # what a hostile request sent.
     assert not [line for line in lines if MARKER in json.dumps({**line, "path": ""})]
+    # Escape sequences and bidi overrides in a path stay escaped: no raw control or format
+    # character in any line a terminal shows.
+    unsafe = {"Cc", "Cf", "Zl", "Zp", "Cs"}
+    assert not [t for t in server.log_lines() if any(unicodedata.category(c) in unsafe for c in t)]
     record("hostile: raw HTTP inputs tried", len(CASES) + len(METHODS) + 2)

@@ -58,7 +58,7 @@ def test_a_request_in_flight_at_sigterm_is_answered_and_stored(tmp_path: Path) -
     server = start_server(tmp_path, command=SERVE)
     body, signature = signed("in-flight")
     head = (
-        f"POST /webhook HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        f"POST /webhook HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         f"X-Signature: {signature}\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode()
     try:

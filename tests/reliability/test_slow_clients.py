@@ -55,7 +55,7 @@ def test_a_trickled_head_is_cut_off(tmp_path: Path) -> None:
         running_server(tmp_path, command=SERVE, env=SHORT_TIMEOUTS) as server,
         socket.create_connection(host_port(server.base_url)) as sock,
     ):
-        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: t\r\n")
+        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: localhost\r\n")
         closed = None
         # One header line every 0.2 s: each byte arrives well within any read timeout.
         for index in range(100):
@@ -73,7 +73,7 @@ def test_a_trickled_head_is_cut_off(tmp_path: Path) -> None:
 def test_a_trickled_body_is_cut_off_and_nothing_is_stored(tmp_path: Path) -> None:
     body, signature = signed("slow-body")
     head = (
-        f"POST /webhook HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        f"POST /webhook HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         f"X-Signature: {signature}\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode()
     with running_server(tmp_path, command=SERVE, env=SHORT_TIMEOUTS) as server:
@@ -103,13 +103,13 @@ def slow_attack(server: Server, connections: int) -> Iterator[list[socket.socket
     stop = threading.Event()
     body, signature = signed("attack")
     body_head = (
-        f"POST /webhook HTTP/1.1\r\nHost: t\r\nX-Signature: {signature}\r\n"
+        f"POST /webhook HTTP/1.1\r\nHost: localhost\r\nX-Signature: {signature}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
     for index in range(connections):
         sock = socket.create_connection(address, timeout=5)
         if index % 3 == 1:
-            sock.sendall(b"POST /webhook HTTP/1.1\r\nHost: t\r\n")
+            sock.sendall(b"POST /webhook HTTP/1.1\r\nHost: localhost\r\n")
         elif index % 3 == 2:
             sock.sendall(body_head)
         socks.append(sock)

@@ -35,7 +35,10 @@ async def call(client: AppClient, path: str, headers: dict[str, str], receive: R
         "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
-        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        # A Host the service serves (ALLOWED_HOSTS), unless the caller names one.
+        "headers": [
+            (k.lower().encode(), v.encode()) for k, v in {"host": "127.0.0.1", **headers}.items()
+        ],
         "client": ("127.0.0.1", 50000),
         "server": ("127.0.0.1", 8000),
         "state": dict(client.app_state),

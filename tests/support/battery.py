@@ -241,8 +241,8 @@ def metrics_disagreements(samples: dict[str, float], log_lines: list[str], rows:
         check(f"requests with status {status}", by_status.get(status, 0), logged)
     check("latency observations", samples["request_latency_ms_count"], len(access))
     for name, value in samples.items():
-        if name.startswith("webhook_requests_total{"):
-            result = name.split('result="', 1)[1].split('"', 1)[0]
-            check(f"webhook {result}", value, sum(1 for x in access if x.get("result") == result))
+        if name.startswith(("webhook_requests_total{", "access_refusals_total{")):
+            result = name.split('="', 1)[1].split('"', 1)[0]
+            check(f"outcome {result}", value, sum(1 for x in access if x.get("result") == result))
     check("rows stored", samples['webhook_requests_total{result="created"}'], rows)
     return found

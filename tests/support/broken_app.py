@@ -20,8 +20,16 @@ from fastapi import FastAPI
 
 import app.main
 from app.config import Settings
-from app.models import ListQuery, Message, MessagePage, Stats
+from app.models import FeedQuery, ListQuery, Message, MessagePage, Stats
+from app.records import (
+    ConversationPage,
+    Refusal,
+    RejectionPage,
+    StoredContent,
+    TimelineRange,
+)
 from app.storage import MessageStore, SQLiteStore, StorageUnavailable, open_store
+from app.storage.feed import FeedBatch, FeedSignal
 from app.storage.rows import message_row, utc_now
 
 # What the internal_error variant's exceptions say: nothing of it may reach a client or a log.
@@ -50,6 +58,28 @@ class DelegatingStore:
 
     async def stats(self) -> Stats:
         return await self.store.stats()
+
+    async def read_feed(self, query: FeedQuery) -> FeedBatch:
+        return await self.store.read_feed(query)
+
+    @property
+    def feed_signal(self) -> FeedSignal:
+        return self.store.feed_signal
+
+    async def conversations(self, limit: int, after: tuple[str, str] | None) -> ConversationPage:
+        return await self.store.conversations(limit, after)
+
+    async def timeline(self, span: TimelineRange) -> dict[str, int]:
+        return await self.store.timeline(span)
+
+    async def rejections(self, limit: int, before: int | None) -> RejectionPage:
+        return await self.store.rejections(limit, before)
+
+    async def record_rejections(self, refusals: Sequence[Refusal], keep: int) -> None:
+        await self.store.record_rejections(refusals, keep)
+
+    async def stored_contents(self, ids: Sequence[str]) -> dict[str, StoredContent]:
+        return await self.store.stored_contents(ids)
 
     async def ping(self) -> None:
         await self.store.ping()

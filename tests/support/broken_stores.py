@@ -8,15 +8,19 @@ server: `uvicorn --factory tests.support.broken_stores:read_then_insert_app`.
 from __future__ import annotations
 
 import asyncio
+import random
 from typing import Any
 
+import asyncpg
 from fastapi import FastAPI
 
 from app.config import Settings
 from app.main import create_app
-from app.models import Message, Stats
+from app.models import FeedQuery, Message, Stats
 from app.storage import MessageStore
+from app.storage.feed import FeedBatch
 from app.storage.postgres import PostgresStore
+from app.storage.postgres_sql import INSERT_MANY
 from app.storage.rows import message_row, utc_now
 
 _INSERT = (
@@ -86,6 +90,40 @@ class TwoSnapshotStats(PostgresStore):
         )
 
 
+class SlowCommits(PostgresStore):
+    """Not broken: holds each insert's transaction open a random while after the INSERT,
+    so that commits finish far out of position order (as they may under load)."""
+
+    async def _insert_rows(self, conn: Any, columns: list[list[Any]], now: str) -> list[Any]:
+        async with conn.transaction():
+            records: list[asyncpg.Record] = await conn.fetch(INSERT_MANY, *columns, now)
+            await asyncio.sleep(random.uniform(0, 0.03))
+        return records
+
+
+class FeedWithoutHorizon(SlowCommits):
+    """Hands out `position > after` at once: a row whose transaction commits after a
+    later one was read is skipped for good."""
+
+    async def read_feed(self, query: FeedQuery) -> FeedBatch:
+        sender = "" if query.sender is None else " AND from_msisdn = $3"
+        args: list[Any] = [query.after, query.limit]
+        if query.sender is not None:
+            args.append(query.sender)
+
+        async def run(conn: Any) -> list[Any]:
+            return list(
+                await conn.fetch(
+                    "SELECT position, message_id, from_msisdn, to_msisdn, ts, text, created_at"
+                    f" FROM messages WHERE position > $1{sender} ORDER BY position LIMIT $2",
+                    *args,
+                )
+            )
+
+        rows = [tuple(r) for r in await self._with_connection(run, 5.0)]
+        return FeedBatch(rows, rows[-1][0] if rows else query.after)
+
+
 def _app_with(store_class: type[PostgresStore]) -> FastAPI:
     async def open_store(settings: Settings) -> MessageStore:
         return await store_class.open(
@@ -105,3 +143,11 @@ def read_then_insert_app() -> FastAPI:
 
 def ack_before_commit_app() -> FastAPI:
     return _app_with(AckBeforeCommit)
+
+
+def slow_commits_app() -> FastAPI:
+    return _app_with(SlowCommits)
+
+
+def feed_without_horizon_app() -> FastAPI:
+    return _app_with(FeedWithoutHorizon)

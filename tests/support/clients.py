@@ -45,7 +45,17 @@ def encode(body: dict[str, Any] | bytes) -> bytes:
 
 
 class AppClient(TestClient):
-    """A TestClient with the few helpers every test wants."""
+    """A TestClient with the few helpers every test wants.
+
+    It names the host `localhost`, as a browser or curl on the same machine would:
+    TestClient's own `testserver` is not in the default ALLOWED_HOSTS.
+    """
+
+    # A read token for the helpers' own reads (metric), when the app has READ_TOKENS.
+    read_token: str | None = None
+
+    def __init__(self, app: Any, base_url: str = "http://localhost", **kwargs: Any) -> None:
+        super().__init__(app, base_url=base_url, **kwargs)
 
     def post_signed(
         self,
@@ -79,7 +89,8 @@ class AppClient(TestClient):
         wanted = name
         if labels:
             wanted += "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
-        for line in self.get("/metrics").text.splitlines():
+        headers = {} if self.read_token is None else {"Authorization": f"Bearer {self.read_token}"}
+        for line in self.get("/metrics", headers=headers).text.splitlines():
             if line.startswith(wanted + " "):
                 return float(line.rsplit(" ", 1)[1])
         return 0.0

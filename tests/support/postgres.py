@@ -163,7 +163,8 @@ class PostgresCluster:
             self._shared = self.create_database("shared")
             run_sync(_migrate(self._shared))
         self.execute(
-            "TRUNCATE messages, message_count_deltas, sender_counts, write_probe;"
+            "TRUNCATE messages, message_count_deltas, sender_counts, write_probe,"
+            " message_hours, message_hour_deltas, rejections;"
             " UPDATE message_totals SET total = 0, senders = 0",
             database=database_name(self._shared),
         )

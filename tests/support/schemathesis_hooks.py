@@ -7,8 +7,13 @@
   (any `webhook-*`) by a real id, timestamp and signature, so that generated messages
   reach validation and storage. Headers generated invalid (negative tests) are left
   alone: they must be refused.
-- `cursor` of /messages: opaque, issued by the service. In a query generated to be valid,
-  a cursor is replaced by a real one (for a position derived from the generated value).
+- `cursor` of /messages and /conversations: opaque, issued by the service. In a query
+  generated to be valid, a cursor is replaced by a real one (for a position derived from
+  the generated value, in the order the query asks for).
+- `since` and `until` of /stats/timeline: the document cannot say "since before until,
+  at most so many buckets apart"; a valid query gets one day from its `since`.
+- /feed/stream never ends: schemathesis reads a stream until the request's timeout (10 s
+  by default) and checks the events it got; STREAM_SECONDS is enough to get them.
 
 Used by tests/reliability/test_contract_fuzz.py, which runs, from the repository root:
 
@@ -23,16 +28,18 @@ import hmac
 import os
 import re
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import schemathesis
 from schemathesis.core.parameters import ParameterLocation
 
 from app.config import standard_webhook_key
-from app.models import encode_cursor
+from app.models import encode_cursor, instant_key
 from app.signature import sign_standard_webhook
 
 _WELL_FORMED = re.compile(r"[0-9a-fA-F]{64}")
+STREAM_SECONDS = 1.5
 
 
 _STANDARD_HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature")
@@ -90,8 +97,38 @@ def before_call(context: Any, case: Any, kwargs: dict[str, Any]) -> None:
             kwargs["auth"] = SignStandardWebhook(secret, standard.get("webhook-id"))
         elif isinstance(given, str) and _WELL_FORMED.fullmatch(given):
             kwargs["auth"] = SignBody(secret)
-    elif case.operation.path == "/messages" and isinstance(case.query, dict):
-        cursor = case.query.get("cursor")
+    elif case.operation.path == "/feed/stream":
+        kwargs["timeout"] = STREAM_SECONDS
+    elif isinstance(case.query, dict):
         negative = case.meta is not None and case.meta.is_negative_at(ParameterLocation.QUERY)
-        if isinstance(cursor, str) and not negative:
-            case.query["cursor"] = encode_cursor("2025-01-15T10:00:00.000000000Z", cursor[:256])
+        if not negative:
+            valid_query(case.operation.path, case.query)
+
+
+def valid_query(path: str, query: dict[str, Any]) -> None:
+    """Make the parts of a valid query that the document cannot describe valid too."""
+    cursor = query.get("cursor")
+    if path in ("/messages", "/conversations") and isinstance(cursor, str):
+        # A cursor continues the order it was issued for; conversations are newest first.
+        descending = path == "/conversations" or query.get("order") == "desc"
+        query["cursor"] = encode_cursor("2025-01-15T10:00:00.000000000Z", cursor[:256], descending)
+    elif path == "/stats/timeline" and ("since" in query or "until" in query):
+        # `since` before `until`, within the bucket cap: one day from `since`.
+        start = _instant(query.get("since")) or _instant(query.get("until"))
+        if start is None or not datetime(1000, 1, 1, tzinfo=UTC) <= start <= _LATEST:
+            start = datetime(2025, 1, 15, tzinfo=UTC)
+        query["since"] = start.strftime("%Y-%m-%dT%H:%M:%SZ")
+        query["until"] = (start + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+_LATEST = datetime(9000, 1, 1, tzinfo=UTC)
+
+
+def _instant(value: object) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        key = instant_key(value)
+    except ValueError:
+        return None
+    return datetime.strptime(key[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
