@@ -24,12 +24,13 @@ SELECT 'bulk' || i, '+1555' || (1000000 + i % 100), '+14155550100', '2025-01-01T
        '2025-01-01T00:00:00Z'
   FROM n
 """
+# Positions 1..N, as schema 2 numbers the rows it finds: below every transaction's own.
 _POSTGRES_FILL = """
 INSERT INTO messages (message_id, from_msisdn, to_msisdn, ts, text, ts_key, text_folded,
-                      created_at)
+                      created_at, position)
 SELECT 'bulk' || i, '+1555' || (1000000 + i % 100), '+14155550100', '2025-01-01T00:00:00Z',
        repeat(md5(i::text), $2 / 32), '2025-01-01T00:00:00.' || lpad(i::text, 9, '0') || 'Z',
-       repeat(md5(i::text), $2 / 32), '2025-01-01T00:00:00Z'
+       repeat(md5(i::text), $2 / 32), '2025-01-01T00:00:00Z', i
   FROM generate_series(1, $1) AS i
 """
 
