@@ -30,8 +30,8 @@ REPLICAS ?= 3
 OPERATOR_PORT ?= 8001
 
 .PHONY: up down logs demo docker-smoke test test-fast lint soak run init-db bench bench-quick \
-	bench-feed bench-console screenshots wrk clean up-postgres down-postgres drills lb-stats checkov \
-	backup restore bench-lifecycle
+	bench-costs bench-feed bench-console screenshots wrk clean up-postgres down-postgres drills \
+	lb-stats checkov backup restore bench-lifecycle
 
 # The Compose stack: a secret (exported, else .env, else a fresh one in .env), a check
 # that a port published beyond loopback does not serve open reads (scripts/check-exposure),
@@ -136,7 +136,7 @@ lb-stats:
 # beside a naive reference and two raw-ASGI floors, then the service at a million rows,
 # then SQLite beside PostgreSQL with one and two API processes, then the feed (1,000
 # stream subscribers under a steady ingest; a poller catching up a million messages),
-# then the console at a million messages.
+# then the console at a million messages, then the cost bounds under attack.
 BENCH_ARGS ?= --passes 3 --million --scale-out
 FEED_ARGS ?= --passes 3
 bench: $(STAMP) wrk
@@ -144,6 +144,7 @@ bench: $(STAMP) wrk
 	$(BIN)/python -m bench.feed $(FEED_ARGS)
 	$(BIN)/python -m bench.console
 	$(BIN)/python -m bench.lifecycle $(LIFECYCLE_BENCH_ARGS)
+	$(BIN)/python -m bench.costs $(BENCH_COSTS_ARGS)
 
 # The feed section alone (docs/feed.md).
 bench-feed: $(STAMP)
@@ -159,6 +160,12 @@ bench-console: $(STAMP) wrk
 LIFECYCLE_BENCH_ARGS ?= --passes 3
 bench-lifecycle: $(STAMP) wrk
 	$(BIN)/python -m bench.lifecycle $(LIFECYCLE_BENCH_ARGS)
+
+# The cost bounds under attack (docs/limits.md): worst-case searches beside steady ingest
+# at a million rows on both backends, 1,000 slow bodies, a 3 MB WhatsApp batch.
+BENCH_COSTS_ARGS ?= --passes 3
+bench-costs: $(STAMP) wrk
+	$(BIN)/python -m bench.costs $(BENCH_COSTS_ARGS)
 
 bench-quick: $(STAMP) wrk
 	$(BIN)/python -m bench.run --passes 1 --duration 3 --query-duration 2 --rows 20000

@@ -126,9 +126,12 @@ class DatabaseSettings(BaseSettings):
 
     # Not in repr: a PostgreSQL URL carries a password.
     database_url: str = Field(default="sqlite:///./data/app.db", repr=False)
-    # PostgreSQL only: connections per process, and how long start-up waits for the
+    # PostgreSQL only: connections per process in all (one for readiness checks, the read
+    # pool, the rest for writes: docs/limits.md), and how long start-up waits for the
     # database to accept connections (compose may start the API first).
-    database_pool_size: int = Field(default=10, ge=1, le=500)
+    database_pool_size: int = Field(default=10, ge=3, le=500)
+    # Of those, the reads' (unset: 3, or what a small pool leaves).
+    database_read_pool_size: int | None = Field(default=None, ge=1, le=498)
     database_startup_timeout_seconds: float = Field(default=30.0, ge=0, le=600)
 
     @classmethod
@@ -150,6 +153,29 @@ class DatabaseSettings(BaseSettings):
         parse_database_url(value)
         return value
 
+    @field_validator("database_read_pool_size", mode="before")
+    @classmethod
+    def _empty_read_pool_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("database_read_pool_size")
+    @classmethod
+    def _reads_leave_room(cls, value: int | None, info: ValidationInfo) -> int | None:
+        pool = info.data.get("database_pool_size")
+        if value is not None and isinstance(pool, int) and value > pool - 2:
+            raise ValueError(
+                f"must leave DATABASE_POOL_SIZE ({pool}) a connection for writes and one for"
+                " readiness checks"
+            )
+        return value
+
+    @property
+    def read_pool_size(self) -> int:
+        """Connections for reads, out of database_pool_size."""
+        if self.database_read_pool_size is not None:
+            return self.database_read_pool_size
+        return max(1, min(3, self.database_pool_size - 2))
+
     @property
     def database(self) -> DatabaseURL:
         return parse_database_url(self.database_url)
@@ -164,6 +190,9 @@ class Settings(DatabaseSettings):
     write_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
     # How long a read (/messages, /stats) may take before it is abandoned with a 503.
     read_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
+    # Reads that scan (a `q` under 3 characters, a deep offset) running at once; the
+    # others wait for a turn within their deadline (docs/limits.md).
+    max_concurrent_scans: int = Field(default=2, ge=1, le=64)
     # How long the SQLite writer waits on a lock held by another process.
     sqlite_busy_timeout_ms: int = Field(default=1000, ge=0, le=60_000)
     retry_after_seconds: int = Field(default=1, ge=1, le=3600)
@@ -176,10 +205,15 @@ class Settings(DatabaseSettings):
     whatsapp_verify_token: SecretStr | None = None
     # Meta documents webhook payloads of up to 3 MB.
     whatsapp_max_body_bytes: int = Field(default=3 * 1024 * 1024, ge=1, le=16 * 1024 * 1024)
+    # Request bodies held in memory at once, across all requests of the process; after
+    # the two limits above, which it must hold (a validator reads them).
+    body_buffer_budget_bytes: int = Field(default=64 * 1024 * 1024, ge=1, le=4 * 1024**3)
     # Connection limits of `python -m app serve` (see app/server/).
     http_max_head_bytes: int = Field(default=65536, ge=4096, le=16 * 1024 * 1024)
     http_head_timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
     http_body_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    # Open connections at most; unset: what RLIMIT_NOFILE leaves room for, up to 1000.
+    http_max_connections: int | None = Field(default=None, ge=1, le=1_000_000)
     # The console (app/static/console) at `/`, and how many refused deliveries it keeps.
     console_enabled: bool = True
     rejections_kept: int = Field(default=10_000, ge=1, le=1_000_000)
@@ -210,6 +244,7 @@ class Settings(DatabaseSettings):
         "tombstone_days",
         "retention_interval_seconds",
         "admin_tokens",
+        "http_max_connections",
         mode="before",
     )
     @classmethod
@@ -247,6 +282,18 @@ class Settings(DatabaseSettings):
                     f"a whsec_ key must decode to at least {WHSEC_MIN_BYTES} bytes"
                     " (the Standard Webhooks minimum)"
                 )
+        return value
+
+    @field_validator("body_buffer_budget_bytes")
+    @classmethod
+    def _budget_holds_the_largest_body(cls, value: int, info: ValidationInfo) -> int:
+        limits = [info.data.get(name) for name in ("max_body_bytes", "whatsapp_max_body_bytes")]
+        largest = max((limit for limit in limits if isinstance(limit, int)), default=0)
+        if value < largest:
+            raise ValueError(
+                f"must be at least the largest accepted body ({largest} bytes:"
+                " MAX_BODY_BYTES or WHATSAPP_MAX_BODY_BYTES)"
+            )
         return value
 
     @field_validator("read_tokens", "metrics_token")

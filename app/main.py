@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.access import AccessPolicy
 from app.api import console, feed, lifecycle, messages, pages, probes, session, whatsapp
-from app.api.deps import AppState
+from app.api.deps import AppState, BodyBudget
 from app.api.webhook import PATH, WebhookEndpoint, openapi_operation
 from app.config import ConfigError, Settings, load_settings
 from app.feed_hub import FeedHub
@@ -171,6 +171,7 @@ def create_app(
                 "metrics": metrics,
                 "feed": hub,
                 "recorder": recorder,
+                "body_budget": BodyBudget(app_settings.body_buffer_budget_bytes),
             }
         finally:
             gc.unfreeze()

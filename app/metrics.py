@@ -35,6 +35,7 @@ WEBHOOK_RESULTS = (
     "unsupported_media_type",
     "storage_unavailable",
     "client_disconnected",
+    "overloaded",
 )
 SIGNATURE_KEYS = ("current", "previous")
 # Why a delivery to /webhook or /webhook/whatsapp was refused (or, for `conflict`,
@@ -58,6 +59,7 @@ WHATSAPP_RESULTS = (
     "payload_too_large",
     "storage_unavailable",
     "client_disconnected",
+    "overloaded",
 )
 WHATSAPP_MESSAGE_RESULTS = ("created", "duplicate", "invalid")
 ERASURE_KINDS = ("message", "number")
@@ -65,6 +67,11 @@ ERASURE_KINDS = ("message", "number")
 WHATSAPP_STATUSES = ("sent", "delivered", "read", "failed", "other")
 # Requests refused before any route saw them (app/access.py's results).
 REFUSAL_REASONS = ("invalid_host", "missing_token", "invalid_token")
+# Why a read was stopped before it answered (docs/limits.md).
+READ_STOPS = ("deadline", "client_disconnected")
+# What the server did at its connection limit: closed an idle connection to make room,
+# or refused the new one.
+CONNECTION_LIMIT_ACTIONS = ("evicted", "refused")
 # The label for requests that matched no route: a scanner must not grow the label set.
 UNMATCHED_PATH = "unmatched"
 LATENCY_BUCKETS_MS = (0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
@@ -256,6 +263,24 @@ class Metrics:
         # Created now, so that every line exists from start-up at 0.
         for kind in ERASURE_KINDS:
             self.erased.labels(kind=kind)
+        self.reads_stopped = Counter(
+            "reads_stopped_total",
+            "Reads stopped before they answered: past READ_TIMEOUT_SECONDS, or the client left.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.connection_limit = Counter(
+            "http_connection_limit_total",
+            "Connections closed at HTTP_MAX_CONNECTIONS: an idle one evicted, or a new one"
+            " refused.",
+            ["action"],
+            registry=self.registry,
+        )
+        # Created now, so that every line exists from start-up at 0.
+        for reason in READ_STOPS:
+            self.reads_stopped.labels(reason=reason)
+        for action in CONNECTION_LIMIT_ACTIONS:
+            self.connection_limit.labels(action=action)
         for result in WHATSAPP_RESULTS:
             self.whatsapp_requests.labels(result=result)
         for result in WHATSAPP_MESSAGE_RESULTS:
@@ -305,9 +330,15 @@ class Metrics:
         if count:
             self.whatsapp_messages.labels(result=result).inc(count)
 
-    def whatsapp_status(self, status: str) -> None:
+    def whatsapp_status(self, status: str, count: int = 1) -> None:
         label = status if status in WHATSAPP_STATUSES else "other"
-        self.whatsapp_statuses.labels(status=label).inc()
+        self.whatsapp_statuses.labels(status=label).inc(count)
+
+    def read_stopped(self, reason: str) -> None:
+        self.reads_stopped.labels(reason=reason).inc()
+
+    def connection_limited(self, action: str) -> None:
+        self.connection_limit.labels(action=action).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -222,3 +222,27 @@ def _v1_signatures(header: bytes) -> list[bytes]:
             raise InvalidSignature(MALFORMED)
         digests.append(digest)
     return digests
+
+
+class StreamingHubVerifier:
+    """X-Hub-Signature-256 checked while the body streams in: `update` each chunk, then
+    `verify`. The header is parsed first, so a missing or malformed one is refused before
+    any of the body is read; the body never has to be whole to be verified.
+    """
+
+    __slots__ = ("_given", "_macs")
+
+    def __init__(self, header: HeaderValue, secrets: Sequence[bytes]) -> None:
+        match = _HUB_SIGNATURE.fullmatch(_ascii(header))
+        if match is None:
+            raise InvalidSignature(MALFORMED)
+        self._given = [bytes.fromhex(match[1].decode("ascii"))]
+        self._macs = [hmac.new(secret, digestmod=hashlib.sha256) for secret in secrets]
+
+    def update(self, chunk: bytes) -> None:
+        for mac in self._macs:
+            mac.update(chunk)
+
+    def verify(self) -> int:
+        """The index of the secret that signed the body so far, else InvalidSignature."""
+        return _first_match((mac.digest() for mac in self._macs), self._given)

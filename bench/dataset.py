@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import random
@@ -10,8 +11,10 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import asyncpg
+
 from app.models import instant_key
-from app.storage.migrations import apply_sqlite_schema
+from app.storage.migrations import apply_postgres_schema, apply_sqlite_schema
 from app.storage.rows import utc_now
 from app.storage.sqlite_connection import connect_sqlite
 
@@ -175,3 +178,55 @@ def prefill_naive(path: Path, count: int, prefix: str = "p") -> None:
     )
     conn.commit()
     conn.close()
+
+
+def prefill_postgres(url: str, count: int, prefix: str = "p") -> None:
+    """The same store on PostgreSQL: COPY, counts folded, trigram index rebuilt, ANALYZE."""
+    asyncio.run(_prefill_postgres(url, count, prefix))
+
+
+async def _prefill_postgres(url: str, count: int, prefix: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await apply_postgres_schema(conn)
+        # Building the trigram index once, afterwards, is many times faster than
+        # maintaining it row by row.
+        trigram = await conn.fetchval(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'messages_text_trgm'"
+        )
+        if trigram:
+            await conn.execute("DROP INDEX messages_text_trgm")
+        now = utc_now()
+        rows = (
+            (
+                m["message_id"],
+                m["from"],
+                m["to"],
+                m["ts"],
+                m["text"],
+                instant_key(str(m["ts"])),
+                None if m["text"] is None else str(m["text"]).casefold(),
+                now,
+            )
+            for m in messages(prefix, count)
+        )
+        await conn.copy_records_to_table(
+            "messages",
+            records=rows,
+            columns=[
+                "message_id",
+                "from_msisdn",
+                "to_msisdn",
+                "ts",
+                "text",
+                "ts_key",
+                "text_folded",
+                "created_at",
+            ],
+        )
+        await conn.execute("SELECT fold_message_counts()")
+        if trigram:
+            await conn.execute(trigram)
+        await conn.execute("VACUUM ANALYZE messages")
+    finally:
+        await conn.close()

@@ -2,7 +2,15 @@
 -- deliveries were acknowledged (status 200), by the X-Request-ID each server echoes.
 --   BODIES  file of lines "<signature> <message_id> <body>"
 --   NTHREADS the -t given to wrk; RESULT  where done() writes its JSON summary
+--   DELAY_MS  if set, each connection waits this long between requests: a steady load
+--             (connections x 1000 / DELAY_MS requests/s at most) instead of a flood
 local threads = {}
+local delay_ms = tonumber(os.getenv("DELAY_MS") or "")
+if delay_ms then
+  function delay()
+    return delay_ms
+  end
+end
 
 function setup(thread)
   thread:set("tid", #threads)

@@ -119,7 +119,11 @@ def free_port() -> int:
 
 @contextmanager
 def serve(
-    variant: Variant, workdir: Path, db: Path, database_url: str | None = None
+    variant: Variant,
+    workdir: Path,
+    db: Path,
+    database_url: str | None = None,
+    cwd: Path | None = None,
 ) -> Iterator[Server]:
     port = free_port()
     env = {
@@ -132,7 +136,9 @@ def serve(
     log = workdir / f"{variant.name}-{port}.log"
     argv = [*variant.argv, "--host", "127.0.0.1", "--port", str(port)]
     with open(log, "wb") as out:
-        process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            argv, cwd=cwd or ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
     server = Server(variant, process, port, db, log)
     try:
         wait_until_up(server)
@@ -181,11 +187,13 @@ def start_wrk(
     result: Path,
     bodies: Path | None = None,
     threads: int | None = None,
+    script_name: str | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     threads = threads or (1 if connections == 1 else 2)
     result.unlink(missing_ok=True)
-    script = BENCH / ("post.lua" if bodies else "get.lua")
-    env = {**os.environ, "RESULT": str(result), "NTHREADS": str(threads)}
+    script = BENCH / (script_name or ("post.lua" if bodies else "get.lua"))
+    env = {**os.environ, "RESULT": str(result), "NTHREADS": str(threads), **(extra_env or {})}
     if bodies:
         env["BODIES"] = str(bodies)
     return subprocess.Popen(

@@ -98,3 +98,53 @@ def test_database_urls(url: str, scheme: str, target: str) -> None:
 def test_bad_database_urls(url: str) -> None:
     with pytest.raises(ValueError, match="sqlite"):
         parse_database_url(url)
+
+
+def test_cost_limits_are_read_with_safe_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WEBHOOK_SECRET", "abc")
+    settings = load_settings()
+    assert settings.max_concurrent_scans == 2
+    assert settings.body_buffer_budget_bytes == 64 * 1024 * 1024
+    assert settings.http_max_connections is None
+    assert (settings.database_pool_size, settings.read_pool_size) == (10, 3)
+    monkeypatch.setenv("MAX_CONCURRENT_SCANS", "1")
+    monkeypatch.setenv("BODY_BUFFER_BUDGET_BYTES", "8388608")
+    monkeypatch.setenv("HTTP_MAX_CONNECTIONS", "")  # as compose passes an unset one
+    monkeypatch.setenv("DATABASE_READ_POOL_SIZE", "2")
+    settings = load_settings()
+    assert settings.max_concurrent_scans == 1
+    assert settings.body_buffer_budget_bytes == 8 * 1024 * 1024
+    assert settings.http_max_connections is None
+    assert settings.read_pool_size == 2
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"BODY_BUFFER_BUDGET_BYTES": "1000000"}, "BODY_BUFFER_BUDGET_BYTES"),
+        ({"MAX_CONCURRENT_SCANS": "0"}, "MAX_CONCURRENT_SCANS"),
+        ({"HTTP_MAX_CONNECTIONS": "0"}, "HTTP_MAX_CONNECTIONS"),
+        ({"DATABASE_READ_POOL_SIZE": "0"}, "DATABASE_READ_POOL_SIZE"),
+        ({"DATABASE_READ_POOL_SIZE": "9"}, "DATABASE_READ_POOL_SIZE"),
+        ({"DATABASE_POOL_SIZE": "2"}, "DATABASE_POOL_SIZE"),
+    ],
+)
+def test_bad_cost_limits_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], named: str
+) -> None:
+    monkeypatch.setenv("WEBHOOK_SECRET", "abc")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert str(caught.value).startswith(f"invalid configuration: {named}: ")
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("pool", "reads"), [(3, 1), (4, 2), (10, 3), (50, 3)])
+def test_a_small_pool_keeps_a_connection_for_writes_and_one_for_readiness(
+    pool: int, reads: int
+) -> None:
+    settings = Settings(webhook_secret=SecretStr("abc"), database_pool_size=pool)
+    assert settings.read_pool_size == reads
+    assert pool - reads - 1 >= 1

@@ -321,8 +321,14 @@ async def test_commits_wait_for_the_wal_flush_whatever_the_server_default(
     url = postgres.create_database("async_default")
     postgres.execute(f'ALTER DATABASE "{database_name(url)}" SET synchronous_commit = off')
     store = await PostgresStore.open(url, fold_interval=NO_FOLDING)
+
+    async def show(conn: Any) -> str:
+        return str(await conn.fetchval("SHOW synchronous_commit"))
+
     try:
-        assert await store.query("SHOW synchronous_commit") == [("on",)]
+        # The sessions that commit: the writes' (query() reads on the read pool).
+        assert await store._with_connection(show, 5.0) == "on"
+        assert await store._with_connection(show, 5.0, store._probe_pool) == "on"
     finally:
         await store.close()
 

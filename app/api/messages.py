@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import AfterValidator, BeforeValidator
 
-from app.api.deps import UNAVAILABLE, SettingsDep, StoreDep, json_response, unavailable
+from app.api.deps import UNAVAILABLE, StoreDep, answer_read
 from app.models import (
     INSTANT_PATTERN,
     NO_NUL_PATTERN,
@@ -22,9 +21,6 @@ from app.models import (
     instant_key,
     no_nul,
 )
-from app.storage import StorageUnavailable
-
-logger = logging.getLogger("app.api")
 
 router = APIRouter()
 
@@ -67,8 +63,8 @@ def wrong_order(cursor_descending: bool) -> dict[str, Any]:
     "/messages", response_model=MessagePage, summary="List stored messages", responses=UNAVAILABLE
 )
 async def list_messages(
+    request: Request,
     store: StoreDep,
-    settings: SettingsDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
     offset: Annotated[int, Query(ge=0, le=OFFSET_MAX)] = 0,
     sender: Annotated[
@@ -147,19 +143,13 @@ async def list_messages(
         descending=descending,
         after=after,
     )
-    try:
-        page = await store.list_messages(query)
-    except StorageUnavailable as exc:
-        logger.warning("read failed", extra={"reason": str(exc)})
-        return unavailable(settings)
-    return json_response(page.model_dump_json().encode())
+    return await answer_read(
+        request, store.list_messages(query), lambda page: page.model_dump_json().encode()
+    )
 
 
 @router.get("/stats", response_model=Stats, summary="Message counts", responses=UNAVAILABLE)
-async def stats(store: StoreDep, settings: SettingsDep) -> Response:
-    try:
-        result = await store.stats()
-    except StorageUnavailable as exc:
-        logger.warning("read failed", extra={"reason": str(exc)})
-        return unavailable(settings)
-    return json_response(result.model_dump_json(by_alias=True).encode())
+async def stats(request: Request, store: StoreDep) -> Response:
+    return await answer_read(
+        request, store.stats(), lambda result: result.model_dump_json(by_alias=True).encode()
+    )

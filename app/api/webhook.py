@@ -14,7 +14,14 @@ from typing import Any
 
 from starlette.types import Receive, Scope
 
-from app.api.deps import ClientDisconnected, PayloadTooLarge, read_body
+from app.api.deps import (
+    OVERLOADED,
+    BodyBudgetSpent,
+    BodyLease,
+    ClientDisconnected,
+    PayloadTooLarge,
+    read_body,
+)
 from app.config import Settings
 from app.metrics import Metrics
 from app.middleware import DirectReply, RequestInfo, request_info
@@ -67,16 +74,28 @@ class WebhookEndpoint:
     async def __call__(self, scope: Scope, receive: Receive) -> DirectReply:
         if scope["method"] != "POST":
             return 405, b'{"detail":"Method Not Allowed"}', [(b"allow", b"POST")]
+        # The body counts against the process's budget until the answer is decided.
+        with BodyLease(scope["state"]["body_budget"]) as lease:
+            return await self.handle(scope, receive, lease)
+
+    async def handle(self, scope: Scope, receive: Receive, lease: BodyLease) -> DirectReply:
         info = request_info(scope)
         headers = dict(scope["headers"])
         try:
-            raw = await read_body(receive, headers.get(b"content-length"), self.limit)
+            raw = await read_body(receive, headers.get(b"content-length"), self.limit, lease)
         except PayloadTooLarge:
             self.outcome(info, "payload_too_large")
             size = declared_size(headers.get(b"content-length"), self.limit)
             self.recorder.refuse(scope, PATH, "body_too_large", size, request_id=info.request_id)
             # The rest of the body is never read, so the connection cannot be reused.
             return 413, b'{"detail":"payload too large"}', [(b"connection", b"close")]
+        except BodyBudgetSpent:
+            self.outcome(info, "overloaded")
+            return (
+                503,
+                OVERLOADED,
+                [(b"retry-after", self.retry_after), (b"connection", b"close")],
+            )
         except ClientDisconnected:
             self.outcome(info, "client_disconnected")
             return 400, b'{"detail":"client disconnected"}', []
@@ -204,7 +223,8 @@ def openapi_operation() -> dict[str, Any]:
                 "415": {"description": "Content-Type is not application/json", **error},
                 "422": {"description": "Body is not a valid message", **error},
                 "503": {
-                    "description": "Storage cannot take the write now; retry after Retry-After",
+                    "description": "Storage cannot take the write now, or the server holds"
+                    " too many request bodies at once; retry after Retry-After",
                     **error,
                 },
             },

@@ -7,7 +7,7 @@ backend in its own modules (sqlite*, postgres*), the schema in `schema/` and `mi
 from __future__ import annotations
 
 from app.config import Settings
-from app.storage.base import Lifecycle, MessageStore, StorageUnavailable
+from app.storage.base import Lifecycle, MessageStore, QueryTooExpensive, StorageUnavailable
 from app.storage.postgres import PostgresStore
 from app.storage.rows import Clock, system_clock
 from app.storage.sqlite import SQLiteStore
@@ -16,6 +16,7 @@ __all__ = [
     "Lifecycle",
     "MessageStore",
     "PostgresStore",
+    "QueryTooExpensive",
     "SQLiteStore",
     "StorageUnavailable",
     "open_store",
@@ -33,13 +34,17 @@ async def open_store(settings: Settings, *, clock: Clock = system_clock) -> Mess
             database.target,
             busy_timeout_ms=settings.sqlite_busy_timeout_ms,
             write_timeout=settings.write_timeout_seconds,
+            read_timeout=settings.read_timeout_seconds,
+            max_scans=settings.max_concurrent_scans,
             clock=clock,
         )
     return await PostgresStore.open(
         database.target,
         pool_size=settings.database_pool_size,
+        read_pool_size=settings.read_pool_size,
         write_timeout=settings.write_timeout_seconds,
         read_timeout=settings.read_timeout_seconds,
+        max_scans=settings.max_concurrent_scans,
         startup_timeout=settings.database_startup_timeout_seconds,
         clock=clock,
     )

@@ -1,4 +1,4 @@
-"""What every message store offers, and the one error a store raises to its callers."""
+"""What every message store offers, the errors a store raises, and which reads are scans."""
 
 from __future__ import annotations
 
@@ -58,12 +58,40 @@ class Lifecycle(Protocol):
     async def is_tombstoned(self, message_id: str) -> bool: ...
 
 
+class QueryTooExpensive(StorageUnavailable):
+    """A read ran, or waited for a scan slot, past its deadline (READ_TIMEOUT_SECONDS).
+
+    It was stopped (the database stops working on it too). Clients get a 503 that says
+    the query was too expensive; a StorageUnavailable handler still answers it as a 503.
+    """
+
+
+# A `q` shorter than a trigram cannot use either backend's search index, and an offset
+# is walked entry by entry: such reads cost what the table holds, not what they return.
+TRIGRAM = 3
+SCAN_OFFSET = 10_000
+
+
+def is_scan(query: ListQuery) -> bool:
+    """Whether a /messages query reads past what its page needs (a scan, in effect)."""
+    short_q = query.q is not None and len(query.q.casefold()) < TRIGRAM
+    return short_q or query.offset > SCAN_OFFSET
+
+
 class MessageStore(Protocol):
     @property
     def lifecycle(self) -> Lifecycle: ...
 
     async def insert(self, message: Message) -> bool:
         """Store the message unless its message_id is already stored; True if it was new."""
+        ...
+
+    async def insert_many(self, messages: Sequence[Message]) -> list[bool | StorageUnavailable]:
+        """insert() for each message, all at once and in few transactions (a batch).
+
+        The outcome of each, in order: True if new, False if already stored, or the
+        StorageUnavailable that kept it out. Cheaper than one insert() task per message.
+        """
         ...
 
     async def list_messages(self, query: ListQuery) -> MessagePage: ...

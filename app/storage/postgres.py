@@ -13,6 +13,12 @@ mirrors app/storage/schema/sqlite/), on asyncpg:
   task folds the deltas into per-sender and total counts (one replica at a time), and a
   read adds the pending deltas to the folded counts in one snapshot (see the schema).
 - Each read is one statement (one snapshot): the page and its `total` always agree.
+- Reads, writes and readiness checks each have a pool of their own, so that slow reads
+  never hold a connection a webhook or a probe needs. Reads run with statement_timeout
+  at the read deadline, without parallel workers (one core per read at most), and at
+  most `max_scans` of those that scan (see `is_scan`) at once; a read stopped at its
+  deadline is QueryTooExpensive. A cancelled read (its client went away) is cancelled
+  on the server too: asyncpg sends a cancel request.
 - When the database goes away, calls fail fast with StorageUnavailable (a 503 with
   Retry-After); the pool replaces broken connections as they are next used, so the
   service recovers by itself when the database comes back.
@@ -31,20 +37,22 @@ import asyncpg
 from app.models import FeedQuery, ListQuery, Message, MessagePage, SenderCount, Stats
 from app.records import ConversationPage, Refusal, RejectionPage, StoredContent, TimelineRange
 from app.storage import postgres_console as console
-from app.storage.base import StorageUnavailable
+from app.storage.base import StorageUnavailable, is_scan
 from app.storage.feed import FeedBatch, FeedSignal
 from app.storage.lifecycle import tombstone_hash
 from app.storage.migrations import SCHEMA_VERSION
 from app.storage.postgres_connection import (
-    CONNECT_TIMEOUT_SECONDS,
     DATABASE_ERRORS,
+    bounded_read,
     describe,
     migrate,
+    open_pools,
 )
 from app.storage.postgres_feed import HEAD_STATEMENT, FeedChannel, feed_batch, feed_statement
 from app.storage.postgres_lifecycle import LOAD_KEY, PostgresLifecycle
 from app.storage.postgres_sql import (
     CHECK_SCHEMA,
+    HAS_TRIGRAM_INDEX,
     INSERT_MANY,
     MAX_BATCH,
     PROBE_WRITE,
@@ -60,6 +68,9 @@ from app.storage.rows import (
     system_clock,
     utc_now,
 )
+
+# migrate is imported from here by the CLI and the tests.
+__all__ = ["PostgresStore", "RowRejected", "migrate"]
 
 logger = logging.getLogger("app.storage")
 
@@ -90,12 +101,18 @@ class PostgresStore:
         self,
         pool: asyncpg.Pool,
         *,
+        read_pool: asyncpg.Pool,
+        probe_pool: asyncpg.Pool,
         write_timeout: float,
         read_timeout: float,
         key: bytes,
         clock: Clock,
+        max_scans: int = 2,
+        trigram_index: bool = True,
     ) -> None:
         self._pool = pool
+        self._read_pool = read_pool
+        self._probe_pool = probe_pool
         self._key = key
         self._clock = clock
         self.lifecycle = PostgresLifecycle(
@@ -108,11 +125,14 @@ class PostgresStore:
             on_import=self._announce,
         )
         self.feed_signal = FeedSignal()
-        # Its own connection, beside the pool: LISTEN for the other replicas' commits and
+        # Its own connection, beside the pools: LISTEN for the other replicas' commits and
         # NOTIFY them of ours (app/storage/postgres_feed.py). Set by open().
         self._feed_channel: FeedChannel | None = None
         self._write_timeout = write_timeout
         self._read_timeout = read_timeout
+        self._scan_slots = asyncio.Semaphore(max_scans)
+        # Without pg_trgm every `q` is a scan.
+        self._trigram_index = trigram_index
         # False after a failed write, True after a good one: readiness reads it.
         self._healthy = True
         self._folder: asyncio.Task[None] | None = None
@@ -129,33 +149,42 @@ class PostgresStore:
         url: str,
         *,
         pool_size: int = 10,
+        read_pool_size: int = 3,
         write_timeout: float = 5.0,
         read_timeout: float = 5.0,
+        max_scans: int = 2,
         startup_timeout: float = 30.0,
         fold_interval: float = FOLD_INTERVAL_SECONDS,
         clock: Clock = system_clock,
     ) -> PostgresStore:
         await migrate(url, startup_timeout=startup_timeout)
-        pool = await asyncpg.create_pool(
-            url,
-            min_size=1,
-            max_size=pool_size,
-            timeout=CONNECT_TIMEOUT_SECONDS,
-            # Whatever the server's default: a commit returns once its WAL is flushed.
-            server_settings={
-                "synchronous_commit": "on",
-                "application_name": "webhook-receiver",
-            },
+        pool, read_pool, probe_pool = await open_pools(
+            url, pool_size=pool_size, read_pool_size=read_pool_size, read_timeout=read_timeout
         )
         try:
-            key = await pool.fetchval(LOAD_KEY)
-        except DATABASE_ERRORS as exc:
-            await pool.close()
-            raise StorageUnavailable(f"cannot read the lifecycle key: {describe(exc)}") from None
-        store = cls(
-            pool, write_timeout=write_timeout, read_timeout=read_timeout, key=key, clock=clock
-        )
-        store._feed_channel = await FeedChannel.open(url, store.feed_signal)
+            trigram_index = bool(await read_pool.fetchval(HAS_TRIGRAM_INDEX))
+            try:
+                key = await pool.fetchval(LOAD_KEY)
+            except DATABASE_ERRORS as exc:
+                raise StorageUnavailable(
+                    f"cannot read the lifecycle key: {describe(exc)}"
+                ) from None
+            store = cls(
+                pool,
+                read_pool=read_pool,
+                probe_pool=probe_pool,
+                write_timeout=write_timeout,
+                read_timeout=read_timeout,
+                key=key,
+                clock=clock,
+                max_scans=max_scans,
+                trigram_index=trigram_index,
+            )
+            store._feed_channel = await FeedChannel.open(url, store.feed_signal)
+        except BaseException:
+            for opened in (pool, read_pool, probe_pool):
+                opened.terminate()
+            raise
         store._folder = asyncio.create_task(
             store._fold_forever(fold_interval), name="fold-message-counts"
         )
@@ -174,6 +203,33 @@ class PostgresStore:
         except TimeoutError:
             # The row may still commit later; the sender's retry is then a duplicate.
             raise StorageUnavailable("write timed out") from None
+
+    async def insert_many(self, messages: Sequence[Message]) -> list[bool | StorageUnavailable]:
+        if not messages:
+            return []
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[bool]] = [loop.create_future() for _ in messages]
+        self._waiting.extend(
+            (message_row(message), future)
+            for message, future in zip(messages, futures, strict=True)
+        )
+        while self._waiting and self._active_flushers < self._max_flushers:
+            self._active_flushers += 1
+            flusher = asyncio.create_task(self._flush())
+            self._flushers.add(flusher)
+            flusher.add_done_callback(self._flushers.discard)
+        await asyncio.wait(futures, timeout=self._write_timeout)
+        outcomes: list[bool | StorageUnavailable] = []
+        for future in futures:
+            if not future.done():
+                # The rows may still commit later; a retry then finds them stored.
+                future.cancel()
+                outcomes.append(StorageUnavailable("write timed out"))
+            elif (error := future.exception()) is None or isinstance(error, StorageUnavailable):
+                outcomes.append(error or future.result())
+            else:
+                raise error
+        return outcomes
 
     async def _flush(self) -> None:
         # Group commit: while up to _max_flushers statements are in flight, requests
@@ -247,13 +303,13 @@ class PostgresStore:
         async def run(conn: Connection) -> list[asyncpg.Record]:
             return list(await conn.fetch(sql, *args))
 
-        return feed_batch(await self._with_connection(run, self._read_timeout), query)
+        return feed_batch(await self._read(run), query)
 
     async def feed_head(self) -> int:
         async def run(conn: Connection) -> int:
             return int(await conn.fetchval(HEAD_STATEMENT))
 
-        return await self._with_connection(run, self._read_timeout)
+        return await self._read(run)
 
     async def list_messages(self, query: ListQuery) -> MessagePage:
         sql, args = list_statement(query)
@@ -261,7 +317,8 @@ class PostgresStore:
         async def run(conn: Connection) -> list[asyncpg.Record]:
             return list(await conn.fetch(sql, *args))
 
-        records = await self._with_connection(run, self._read_timeout)
+        scan = is_scan(query) or (query.q is not None and not self._trigram_index)
+        records = await self._read(run, scan=scan)
         total = int(records[0]["total"])
         rows = [tuple(record)[1:] for record in records if record["message_id"] is not None]
         return build_page(rows, total, query)
@@ -270,7 +327,7 @@ class PostgresStore:
         async def run(conn: Connection) -> asyncpg.Record | None:
             return await conn.fetchrow(STATS)
 
-        record = await self._with_connection(run, self._read_timeout)
+        record = await self._read(run)
         if record is None:
             raise StorageUnavailable("message_totals has no row")
         top = zip(record["top_senders"], record["top_counts"], strict=True)
@@ -283,19 +340,13 @@ class PostgresStore:
         )
 
     async def conversations(self, limit: int, after: tuple[str, str] | None) -> ConversationPage:
-        return await self._with_connection(
-            lambda conn: console.conversations_page(conn, limit, after), self._read_timeout
-        )
+        return await self._read(lambda conn: console.conversations_page(conn, limit, after))
 
     async def timeline(self, span: TimelineRange) -> dict[str, int]:
-        return await self._with_connection(
-            lambda conn: console.timeline_counts(conn, span), self._read_timeout
-        )
+        return await self._read(lambda conn: console.timeline_counts(conn, span))
 
     async def rejections(self, limit: int, before: int | None) -> RejectionPage:
-        return await self._with_connection(
-            lambda conn: console.rejections_page(conn, limit, before), self._read_timeout
-        )
+        return await self._read(lambda conn: console.rejections_page(conn, limit, before))
 
     async def record_rejections(self, refusals: Sequence[Refusal], keep: int) -> None:
         await self._with_connection(
@@ -303,9 +354,7 @@ class PostgresStore:
         )
 
     async def stored_contents(self, ids: Sequence[str]) -> dict[str, StoredContent]:
-        return await self._with_connection(
-            lambda conn: console.stored_contents(conn, ids), self._read_timeout
-        )
+        return await self._read(lambda conn: console.stored_contents(conn, ids))
 
     async def ping(self) -> None:
         async def run(conn: Connection) -> int | None:
@@ -315,7 +364,7 @@ class PostgresStore:
                 await conn.execute(PROBE_WRITE, utc_now())
             return None if version is None else int(version)
 
-        version = await self._with_connection(run, self._write_timeout)
+        version = await self._with_connection(run, self._write_timeout, self._probe_pool)
         if version != SCHEMA_VERSION:
             raise StorageUnavailable(f"schema version is {version}, expected {SCHEMA_VERSION}")
         self._healthy = True
@@ -337,7 +386,7 @@ class PostgresStore:
             async with conn.transaction(readonly=True):
                 return [tuple(record) for record in await conn.fetch(sql, *params)]
 
-        return await self._with_connection(run, self._read_timeout)
+        return await self._read(run)
 
     async def close(self) -> None:
         if self._flushers:
@@ -348,20 +397,30 @@ class PostgresStore:
             self._folder.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._folder
-        try:
-            await asyncio.wait_for(self._pool.close(), CLOSE_TIMEOUT_SECONDS)
-        except TimeoutError:
-            self._pool.terminate()
+        for pool in (self._read_pool, self._probe_pool, self._pool):
+            try:
+                await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT_SECONDS)
+            except TimeoutError:
+                pool.terminate()
 
-    async def _with_connection(self, fn: Callable[[Connection], Awaitable[T]], timeout: float) -> T:
+    async def _with_connection(
+        self,
+        fn: Callable[[Connection], Awaitable[T]],
+        timeout: float,
+        pool: asyncpg.Pool | None = None,
+    ) -> T:
         # One deadline for waiting on the pool, (re)connecting and the statement: a
         # database that does not answer costs a request `timeout`, then a 503.
         try:
-            async with asyncio.timeout(timeout), self._pool.acquire() as conn:
+            async with asyncio.timeout(timeout), (pool or self._pool).acquire() as conn:
                 return await fn(conn)
         except DATABASE_ERRORS as exc:
             # The caller logs the reason along with what it was doing.
             raise StorageUnavailable(describe(exc)) from None
+
+    async def _read(self, fn: Callable[[Connection], Awaitable[T]], *, scan: bool = False) -> T:
+        slots = self._scan_slots if scan else None
+        return await bounded_read(self._read_pool, fn, self._read_timeout, slots)
 
     async def _fold_forever(self, interval: float) -> None:
         failing = False

@@ -67,6 +67,11 @@ CHECK_SCHEMA = (
     "SELECT (SELECT max(version) FROM schema_version),"
     " (SELECT count(*) FROM (SELECT 1 FROM messages LIMIT 0) AS present)"
 )
+HAS_TRIGRAM_INDEX = (
+    "SELECT EXISTS (SELECT 1 FROM pg_indexes"
+    " WHERE tablename = 'messages' AND indexname = 'messages_text_trgm'"
+    " AND schemaname = current_schema())"
+)
 PROBE_WRITE = (
     "INSERT INTO write_probe (id, at) VALUES (1, $1)"
     " ON CONFLICT (id) DO UPDATE SET at = excluded.at"

@@ -5,7 +5,11 @@
 - WAL with synchronous=FULL: a commit returns only once the log is fsync'd, so a `200`
   survives power loss, not only a process crash. Checkpoints run in their own thread
   (app/storage/sqlite_checkpoint.py).
-- Reads run on a small pool of reader connections (WAL lets them proceed during a write).
+- Reads run on reader connections of their own (WAL lets them proceed during a write),
+  each with a deadline at which it is interrupted (app/storage/sqlite_readers.py). Reads
+  that scan (see `is_scan`) have their own few threads, at a lower CPU priority, so that
+  at most `max_scans` run at once and indexed reads never queue behind them; readiness
+  checks have a thread and connection of their own too.
 - Idempotency is the primary key: INSERT ... ON CONFLICT DO NOTHING, never a read first.
 """
 
@@ -14,10 +18,8 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from app.models import FeedQuery, ListQuery, Message, MessagePage, Stats
@@ -29,7 +31,7 @@ from app.records import (
     StoredContent,
     TimelineRange,
 )
-from app.storage.base import StorageUnavailable
+from app.storage.base import QueryTooExpensive, StorageUnavailable, is_scan
 from app.storage.feed import FeedBatch, FeedSignal
 from app.storage.migrations import apply_sqlite_schema
 from app.storage.rows import Clock, Row, message_row, system_clock
@@ -37,8 +39,7 @@ from app.storage.sqlite_checkpoint import Checkpointer
 from app.storage.sqlite_connection import (
     connect_sqlite,
     describe_sqlite_error,
-    ensure_parent,
-    rollback,
+    prepare_database_file,
 )
 from app.storage.sqlite_console import (
     conversations_page,
@@ -49,11 +50,35 @@ from app.storage.sqlite_console import (
 )
 from app.storage.sqlite_feed import read_feed, read_head
 from app.storage.sqlite_lifecycle import SQLiteLifecycle, load_key
+from app.storage.sqlite_readers import ReaderPool, ReadTicket, await_read, run_ticket
 from app.storage.sqlite_reads import check_schema, list_page, probe_write, read_stats
 from app.storage.sqlite_search import SEARCH_BATCH
 from app.storage.sqlite_writer import STOP, Call, Insert, Writer
 
 T = TypeVar("T")
+
+# The nice value of the scan threads: under CPU contention they get about a tenth of
+# what an ordinary thread gets (CFS weights 110 against 1024), so a burst of scans slows
+# down itself rather than the webhooks.
+SCAN_NICE = 10
+
+
+class _Pools:
+    """The reader pools of a file database (a :memory: one reads on the writer)."""
+
+    def __init__(self, path: str, *, readers: int, max_scans: int, busy_timeout_ms: int) -> None:
+        def pool(threads: int, name: str, nice: int = 0) -> ReaderPool:
+            return ReaderPool(
+                path, threads=threads, busy_timeout_ms=busy_timeout_ms, name=name, nice=nice
+            )
+
+        self.readers = pool(readers, "sqlite-reader")
+        self.scanners = pool(max_scans, "sqlite-scan", SCAN_NICE)
+        self.probe = pool(1, "sqlite-probe")
+
+    async def close(self) -> None:
+        for pool in (self.readers, self.scanners, self.probe):
+            await pool.close()
 
 
 class SQLiteStore:
@@ -64,27 +89,26 @@ class SQLiteStore:
         path: str,
         *,
         writer: Writer,
-        readers: ThreadPoolExecutor | None,
+        pools: _Pools | None,
         checkpointer: Checkpointer | None,
-        busy_timeout_ms: int,
         write_timeout: float,
+        read_timeout: float,
         key: bytes,
         clock: Clock,
     ) -> None:
         self.path = path
         self._writer = writer
-        self._readers = readers
-        self._reader_conns: list[sqlite3.Connection] = []
-        self._reader_local = threading.local()
+        self._pools = pools
         self._checkpointer = checkpointer
-        self._busy_timeout_ms = busy_timeout_ms
         self._write_timeout = write_timeout
+        self._read_timeout = read_timeout
         self._identity = _file_identity(path)
         self._handover: list[Insert] = []
         self._deadlines: deque[tuple[float, asyncio.Future[bool]]] = deque()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
-        self._lock = threading.Lock()
         self._probe: asyncio.Future[None] | None = None
+        # The reads of a :memory: database in flight (they run on the writer thread).
+        self._tickets: set[ReadTicket] = set()
         self.feed_signal = FeedSignal()
         # The highest committed position, as the event loop last heard from the writer.
         self._committed_position = writer.next_position - 1
@@ -98,13 +122,15 @@ class SQLiteStore:
         *,
         busy_timeout_ms: int = 1000,
         write_timeout: float = 5.0,
+        read_timeout: float = 5.0,
         readers: int = 4,
+        max_scans: int = 2,
         clock: Clock = system_clock,
     ) -> SQLiteStore:
         memory = path == ":memory:"
 
         def setup() -> tuple[sqlite3.Connection, bytes]:
-            ensure_parent(path)
+            prepare_database_file(path)
             conn = connect_sqlite(path, busy_timeout_ms=busy_timeout_ms)
             try:
                 apply_sqlite_schema(conn)
@@ -125,17 +151,25 @@ class SQLiteStore:
         writer.start()
         # A :memory: database exists only inside its one connection, so reads go through
         # the writer thread too; a file gets reader connections and a checkpointer.
-        pool = None if memory else ThreadPoolExecutor(readers, thread_name_prefix="sqlite-reader")
-        checkpointer = None if memory else Checkpointer(path, writer.committed)
+        pools = (
+            None
+            if memory
+            else _Pools(path, readers=readers, max_scans=max_scans, busy_timeout_ms=busy_timeout_ms)
+        )
+        checkpointer = (
+            None
+            if pools is None
+            else Checkpointer(path, writer.committed, scanning=pools.scanners.busy)
+        )
         if checkpointer is not None:
             checkpointer.start()
         return cls(
             path,
             writer=writer,
-            readers=pool,
+            pools=pools,
             checkpointer=checkpointer,
-            busy_timeout_ms=busy_timeout_ms,
             write_timeout=write_timeout,
+            read_timeout=read_timeout,
             key=key,
             clock=clock,
         )
@@ -152,6 +186,23 @@ class SQLiteStore:
         # makes a timer handle): the sweeper fails whatever waited too long.
         self._deadlines.append((loop.time() + self._write_timeout, future))
         return await future
+
+    async def insert_many(self, messages: Sequence[Message]) -> list[bool | StorageUnavailable]:
+        if not messages:
+            return []
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[bool]] = [loop.create_future() for _ in messages]
+        if not self._handover:
+            loop.call_soon(self._hand_over)
+        self._handover.extend(
+            Insert(message_row(message), future)
+            for message, future in zip(messages, futures, strict=True)
+        )
+        deadline = loop.time() + self._write_timeout
+        self._deadlines.extend((deadline, future) for future in futures)
+        # The sweeper fails what waits too long with StorageUnavailable, nothing else.
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        return [_outcome(outcome) for outcome in outcomes]
 
     async def _sweep(self) -> None:
         """Fail inserts that waited longer than write_timeout (a stuck disk, say).
@@ -174,7 +225,7 @@ class SQLiteStore:
         self._writer.jobs.put(rows)
 
     async def list_messages(self, query: ListQuery) -> MessagePage:
-        return await self._read(lambda conn: list_page(conn, query))
+        return await self._read(lambda conn: list_page(conn, query), scan=is_scan(query))
 
     async def stats(self) -> Stats:
         return await self._read(read_stats)
@@ -216,7 +267,7 @@ class SQLiteStore:
                 raise StorageUnavailable("the database file was removed or replaced")
             check_schema(conn)
 
-        await self._read(check)
+        await self._read(check, probe=True)
         if not self._writer.healthy:
             # The last commit failed: only a write proves that writes work again. One probe
             # write at a time: concurrent checks share it instead of queueing in front of
@@ -258,37 +309,45 @@ class SQLiteStore:
         self._sweeper.cancel()
         if self._checkpointer is not None:
             await asyncio.to_thread(self._checkpointer.stop)
-        if self._readers is not None:
-            await asyncio.to_thread(self._readers.shutdown, True)
-            for conn in self._reader_conns:
-                conn.close()
+        if self._pools is not None:
+            await self._pools.close()
+        for ticket in list(self._tickets):
+            ticket.stop()
         self._writer.jobs.put(STOP)
         await asyncio.to_thread(self._writer.join)
         self._writer.conn.close()
 
-    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._readers is None:
-            result: T = await self._write_call(fn)
-            return result
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._readers, self._in_reader, fn)
-        except sqlite3.Error as exc:
-            raise StorageUnavailable(describe_sqlite_error(exc)) from None
+    async def _read(
+        self, fn: Callable[[sqlite3.Connection], T], *, scan: bool = False, probe: bool = False
+    ) -> T:
+        """`fn` on a reader connection, stopped at the read deadline (QueryTooExpensive).
 
-    def _in_reader(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        conn: sqlite3.Connection | None = getattr(self._reader_local, "conn", None)
-        if conn is None:
-            conn = connect_sqlite(self.path, busy_timeout_ms=self._busy_timeout_ms, readonly=True)
-            conn.execute("PRAGMA cache_size = -8000")
-            self._reader_local.conn = conn
-            with self._lock:
-                self._reader_conns.append(conn)
-        try:
-            return fn(conn)
-        except BaseException:
-            rollback(conn)
-            raise
+        Scans wait for one of the few scan threads (within the same deadline).
+        """
+        pools = self._pools
+        if pools is None:
+            ticket = ReadTicket()
+            future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+            self._writer.jobs.put(Call(lambda conn: run_ticket(ticket, conn, fn), future))
+            return await await_read(ticket, future, self._read_timeout, self._tickets)
+        timeout = self._read_timeout
+        if scan and self._checkpointer is not None and self._checkpointer.holding_scans:
+            timeout = await self._wait_for_log_restart()
+        pool = pools.probe if probe else pools.scanners if scan else pools.readers
+        return await pool.run(fn, timeout)
+
+    async def _wait_for_log_restart(self) -> float:
+        """Hold a new scan while the checkpointer waits for scans to leave the log (see
+        Checkpointer); what is left of the read deadline, or QueryTooExpensive."""
+        checkpointer = self._checkpointer
+        assert checkpointer is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._read_timeout
+        while checkpointer.holding_scans:
+            if loop.time() >= deadline:
+                raise QueryTooExpensive("read held back past its deadline while the log restarts")
+            await asyncio.sleep(0.1)
+        return deadline - loop.time()
 
     async def _write_call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
@@ -299,6 +358,12 @@ class SQLiteStore:
             raise StorageUnavailable("database call timed out") from None
         except sqlite3.Error as exc:
             raise StorageUnavailable(describe_sqlite_error(exc)) from None
+
+
+def _outcome(outcome: bool | BaseException) -> bool | StorageUnavailable:
+    if isinstance(outcome, StorageUnavailable | bool):
+        return outcome
+    raise outcome
 
 
 def _consume_outcome(future: asyncio.Future[Any]) -> None:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sqlite3
+import stat
 
 from app.storage.migrations import SCHEMA_VERSION, apply_sqlite_schema
+
+logger = logging.getLogger("app.storage")
 
 # Rows per transaction at most; a burst bigger than this is committed in several.
 MAX_BATCH = 512
@@ -45,7 +50,7 @@ def connect_sqlite(
 
 def init_sqlite(path: str) -> int:
     """Create or upgrade the schema of a SQLite database file (the `init-db` command)."""
-    ensure_parent(path)
+    prepare_database_file(path)
     conn = connect_sqlite(path, busy_timeout_ms=5000)
     try:
         apply_sqlite_schema(conn)
@@ -54,10 +59,47 @@ def init_sqlite(path: str) -> int:
     return SCHEMA_VERSION
 
 
-def ensure_parent(path: str) -> None:
-    if path != ":memory:":
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
+def prepare_database_file(path: str) -> None:
+    """The database's folder and file, private to this user, before SQLite opens them.
+
+    A folder we create is 0700 and a new database file 0600; SQLite gives the -wal and
+    -shm files it creates the database file's mode. Files of ours that are open to
+    others (made by an earlier version, or by hand) are tightened to 0600, with a
+    warning; a folder that already exists is left as it is (it may be a shared one).
+    """
+    if path == ":memory:":
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, mode=0o700, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    for name in (path, path + "-wal", path + "-shm"):
+        _make_private(name)
+
+
+def _make_private(path: str) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode) or not mode & 0o077:
+        return
+    try:
+        os.chmod(path, 0o600)
+    except OSError as exc:
+        logger.warning(
+            "database file is readable by others and cannot be made private",
+            extra={
+                "file": os.path.basename(path),
+                "mode": oct(mode & 0o777),
+                "error": exc.strerror,
+            },
+        )
+        return
+    logger.warning(
+        "database file was readable by others; made private (0600)",
+        extra={"file": os.path.basename(path), "mode_was": oct(mode & 0o777)},
+    )
 
 
 def describe_sqlite_error(exc: sqlite3.Error) -> str:

@@ -7,7 +7,7 @@ import sqlite3
 from typing import Any
 
 from app.models import ListQuery, MessagePage, SenderCount, Stats
-from app.storage.base import StorageUnavailable
+from app.storage.base import TRIGRAM, StorageUnavailable
 from app.storage.migrations import SCHEMA_VERSION
 from app.storage.rows import build_page, utc_now
 from app.storage.sqlite_connection import rollback
@@ -34,7 +34,7 @@ def list_filters(query: ListQuery) -> tuple[list[str], list[Any]]:
         params.append(query.until_key)
     if query.q:
         folded = query.q.casefold()
-        if len(folded) >= 3:
+        if len(folded) >= TRIGRAM:
             # The trigram index narrows the candidates, plus the rows the index has not
             # reached yet; instr() below keeps the answer exactly "folded q is a substring
             # of folded text".

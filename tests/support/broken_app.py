@@ -28,7 +28,7 @@ from app.records import (
     StoredContent,
     TimelineRange,
 )
-from app.storage import Lifecycle, MessageStore, SQLiteStore, open_store
+from app.storage import Lifecycle, MessageStore, SQLiteStore, StorageUnavailable, open_store
 from app.storage.feed import FeedBatch, FeedSignal
 from app.storage.rows import message_row, utc_now
 
@@ -46,6 +46,16 @@ class DelegatingStore:
 
     async def insert(self, message: Message) -> bool:
         return await self.store.insert(message)
+
+    async def insert_many(self, messages: Sequence[Message]) -> list[bool | StorageUnavailable]:
+        # Through insert(), one by one: a broken insert() breaks batches as well.
+        outcomes = await asyncio.gather(*map(self.insert, messages), return_exceptions=True)
+        kept: list[bool | StorageUnavailable] = []
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, StorageUnavailable):
+                raise outcome
+            kept.append(outcome)
+        return kept
 
     async def list_messages(self, query: ListQuery) -> MessagePage:
         return await self.store.list_messages(query)

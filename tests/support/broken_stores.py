@@ -134,6 +134,7 @@ def _app_with(store_class: type[PostgresStore]) -> FastAPI:
         return await store_class.open(
             settings.database.target,
             pool_size=settings.database_pool_size,
+            read_pool_size=settings.read_pool_size,
             write_timeout=settings.write_timeout_seconds,
             read_timeout=settings.read_timeout_seconds,
         )
