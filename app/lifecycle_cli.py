@@ -158,11 +158,16 @@ async def open_for_cli(settings: DatabaseSettings) -> MessageStore:
     database = settings.database
     if database.scheme == "sqlite":
         return await SQLiteStore.open(
-            database.target, busy_timeout_ms=5000, write_timeout=CLI_TIMEOUT_SECONDS
+            database.target,
+            busy_timeout_ms=5000,
+            write_timeout=CLI_TIMEOUT_SECONDS,
+            read_timeout=CLI_TIMEOUT_SECONDS,
         )
+    # The smallest pools: one connection each for writes, reads and the probe.
     return await PostgresStore.open(
         database.target,
-        pool_size=2,
+        pool_size=3,
+        read_pool_size=1,
         write_timeout=CLI_TIMEOUT_SECONDS,
         read_timeout=CLI_TIMEOUT_SECONDS,
         startup_timeout=settings.database_startup_timeout_seconds,

@@ -116,6 +116,18 @@ def test_without_admin_tokens_the_erasure_endpoints_do_not_exist(client: AppClie
     assert "/numbers/{e164}" in paths  # documented, with when it answers 404
 
 
+@pytest.mark.parametrize("method", ["OPTIONS", "PUT", "PATCH", "POST"])
+def test_another_method_on_one_message_names_both_of_its_methods(
+    admin_client: AppClient, method: str
+) -> None:
+    # Two routes share the path: the 405 must not name only the first one's GET.
+    admin_client.post_signed(message(message_id="m1"))
+    response = admin_client.request(method, "/messages/m1", headers=ADMIN_HEADERS)
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET, DELETE"
+    assert admin_client.rows() == [("m1",)]
+
+
 @pytest.mark.parametrize(
     "authorization",
     [

@@ -184,6 +184,17 @@ async def get_message(message_id: MessageId, store: StoreDep, settings: Settings
     return json_response(found.model_dump_json().encode())
 
 
+# GET and DELETE are two routes, so another method would get the 405 of the first one,
+# with `Allow: GET`; this route answers the other methods with both.
+@router.api_route(
+    "/messages/{message_id:path}",
+    methods=["PUT", "PATCH", "POST", "OPTIONS", "HEAD", "TRACE"],
+    include_in_schema=False,
+)
+async def other_methods() -> Response:
+    return json_response(b'{"detail":"Method Not Allowed"}', 405, headers={"allow": "GET, DELETE"})
+
+
 @router.delete(
     "/messages/{message_id:path}",
     summary="Erase one message, and refuse its redelivery (ADMIN_TOKENS)",
