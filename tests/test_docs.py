@@ -86,6 +86,9 @@ def test_relative_links_resolve(document: Path) -> None:
                 continue
             path, _, anchor = target.partition("#")
             resolved = (document.parent / path).resolve() if path else document
-            if not resolved.exists() or (anchor and resolved.suffix == ".md" and anchor not in anchors(resolved)):
+            exists = resolved.exists()
+            if not exists or (
+                anchor and resolved.suffix == ".md" and anchor not in anchors(resolved)
+            ):
                 broken.append(target)
     assert not broken
