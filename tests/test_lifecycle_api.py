@@ -125,6 +125,10 @@ def test_another_method_on_one_message_names_both_of_its_methods(
     response = admin_client.request(method, "/messages/m1", headers=ADMIN_HEADERS)
     assert response.status_code == 405
     assert response.headers["allow"] == "GET, DELETE"
+    # The export's path documents GET alone.
+    response = admin_client.request(method, "/messages/export", headers=ADMIN_HEADERS)
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET"
     assert admin_client.rows() == [("m1",)]
 
 

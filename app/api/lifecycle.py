@@ -185,14 +185,20 @@ async def get_message(message_id: MessageId, store: StoreDep, settings: Settings
 
 
 # GET and DELETE are two routes, so another method would get the 405 of the first one,
-# with `Allow: GET`; this route answers the other methods with both.
-@router.api_route(
-    "/messages/{message_id:path}",
-    methods=["PUT", "PATCH", "POST", "OPTIONS", "HEAD", "TRACE"],
-    include_in_schema=False,
-)
+# with `Allow: GET`; these routes answer the other methods with what each path documents
+# (the export's path is GET only there, though DELETE erases a message named "export").
+OTHER_METHODS = ["PUT", "PATCH", "POST", "OPTIONS", "HEAD", "TRACE"]
+NOT_ALLOWED = b'{"detail":"Method Not Allowed"}'
+
+
+@router.api_route("/messages/export", methods=OTHER_METHODS, include_in_schema=False)
+async def other_methods_on_export() -> Response:
+    return json_response(NOT_ALLOWED, 405, headers={"allow": "GET"})
+
+
+@router.api_route("/messages/{message_id:path}", methods=OTHER_METHODS, include_in_schema=False)
 async def other_methods() -> Response:
-    return json_response(b'{"detail":"Method Not Allowed"}', 405, headers={"allow": "GET, DELETE"})
+    return json_response(NOT_ALLOWED, 405, headers={"allow": "GET, DELETE"})
 
 
 @router.delete(
