@@ -162,7 +162,9 @@ async def open_for_cli(settings: DatabaseSettings) -> MessageStore:
         )
     return await PostgresStore.open(
         database.target,
-        pool_size=2,
+        # The smallest pool there is: one connection each for writes, reads and probes.
+        pool_size=3,
+        read_pool_size=1,
         write_timeout=CLI_TIMEOUT_SECONDS,
         read_timeout=CLI_TIMEOUT_SECONDS,
         startup_timeout=settings.database_startup_timeout_seconds,
