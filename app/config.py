@@ -95,6 +95,7 @@ FILE_SETTINGS = frozenset(
         "metrics_token",
         "admin_tokens",
         "database_url",
+        "database_direct_url",
     }
 )
 
@@ -133,6 +134,10 @@ class DatabaseSettings(BaseSettings):
     # Of those, the reads' (unset: 3, or what a small pool leaves).
     database_read_pool_size: int | None = Field(default=None, ge=1, le=498)
     database_startup_timeout_seconds: float = Field(default=30.0, ge=0, le=600)
+    # `pgbouncer`: DATABASE_URL is a transaction-mode pooler; DATABASE_DIRECT_URL, the
+    # server itself, then serves migrations and LISTEN (docs/postgres.md, PgBouncer).
+    database_pooler: Literal["none", "pgbouncer"] = "none"
+    database_direct_url: str | None = Field(default=None, repr=False)
 
     @classmethod
     def settings_customise_sources(
@@ -153,10 +158,24 @@ class DatabaseSettings(BaseSettings):
         parse_database_url(value)
         return value
 
-    @field_validator("database_read_pool_size", mode="before")
+    @field_validator(
+        "database_read_pool_size", "database_direct_url", "database_pooler", mode="before"
+    )
     @classmethod
-    def _empty_read_pool_is_unset(cls, value: object) -> object:
-        return None if value == "" else value
+    def _empty_is_unset(cls, value: object, info: ValidationInfo) -> object:
+        return cls.model_fields[info.field_name or ""].default if value == "" else value
+
+    @model_validator(mode="after")
+    def _pooler_needs_a_direct_url(self) -> DatabaseSettings:
+        direct = parse_database_url(self.database_direct_url or self.database_url)
+        if self.database_pooler != "none" and (
+            self.database_direct_url is None or self.database.scheme != direct.scheme
+        ):
+            raise ValueError(
+                "DATABASE_DIRECT_URL: must be set, to PostgreSQL itself, with DATABASE_POOLER"
+                " (migrations and the feed's LISTEN need a session, not a pooled connection)"
+            )
+        return self
 
     @field_validator("database_read_pool_size")
     @classmethod
@@ -179,6 +198,11 @@ class DatabaseSettings(BaseSettings):
     @property
     def database(self) -> DatabaseURL:
         return parse_database_url(self.database_url)
+
+    @property
+    def direct_database_url(self) -> str:
+        """PostgreSQL itself, for what needs a session (migrations, LISTEN, export)."""
+        return self.database_direct_url or self.database.target
 
 
 class Settings(DatabaseSettings):

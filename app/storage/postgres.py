@@ -47,6 +47,7 @@ from app.storage.postgres_connection import (
     describe,
     migrate,
     open_pools,
+    read_preamble,
 )
 from app.storage.postgres_feed import HEAD_STATEMENT, FeedChannel, feed_batch, feed_statement
 from app.storage.postgres_lifecycle import LOAD_KEY, PostgresLifecycle
@@ -75,8 +76,6 @@ __all__ = ["PostgresStore", "RowRejected", "migrate"]
 logger = logging.getLogger("app.storage")
 
 T = TypeVar("T")
-
-__all__ = ["PostgresStore", "migrate"]
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -109,8 +108,10 @@ class PostgresStore:
         clock: Clock,
         max_scans: int = 2,
         trigram_index: bool = True,
+        read_preamble: str | None = None,
     ) -> None:
         self._pool = pool
+        self._read_preamble = read_preamble
         self._read_pool = read_pool
         self._probe_pool = probe_pool
         self._key = key
@@ -156,10 +157,24 @@ class PostgresStore:
         startup_timeout: float = 30.0,
         fold_interval: float = FOLD_INTERVAL_SECONDS,
         clock: Clock = system_clock,
+        direct_url: str | None = None,
+        pooled: bool = False,
     ) -> PostgresStore:
-        await migrate(url, startup_timeout=startup_timeout)
+        """`pooled`: `url` is a transaction-mode pooler (PgBouncer); then `direct_url`,
+        PostgreSQL itself, serves what needs a session: migrations and LISTEN."""
+        direct_url = direct_url or url
+        budget = (
+            (1, "the feed's LISTEN; the pools go through the pooler")
+            if pooled
+            else (pool_size + 1, f"a pool of {pool_size} and the feed's LISTEN")
+        )
+        await migrate(direct_url, startup_timeout=startup_timeout, budget=budget)
         pool, read_pool, probe_pool = await open_pools(
-            url, pool_size=pool_size, read_pool_size=read_pool_size, read_timeout=read_timeout
+            url,
+            pool_size=pool_size,
+            read_pool_size=read_pool_size,
+            read_timeout=read_timeout,
+            pooled=pooled,
         )
         try:
             trigram_index = bool(await read_pool.fetchval(HAS_TRIGRAM_INDEX))
@@ -179,8 +194,9 @@ class PostgresStore:
                 clock=clock,
                 max_scans=max_scans,
                 trigram_index=trigram_index,
+                read_preamble=read_preamble(read_timeout) if pooled else None,
             )
-            store._feed_channel = await FeedChannel.open(url, store.feed_signal)
+            store._feed_channel = await FeedChannel.open(direct_url, store.feed_signal)
         except BaseException:
             for opened in (pool, read_pool, probe_pool):
                 opened.terminate()
@@ -420,7 +436,9 @@ class PostgresStore:
 
     async def _read(self, fn: Callable[[Connection], Awaitable[T]], *, scan: bool = False) -> T:
         slots = self._scan_slots if scan else None
-        return await bounded_read(self._read_pool, fn, self._read_timeout, slots)
+        return await bounded_read(
+            self._read_pool, fn, self._read_timeout, slots, self._read_preamble
+        )
 
     async def _fold_forever(self, interval: float) -> None:
         failing = False
