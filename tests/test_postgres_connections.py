@@ -6,15 +6,21 @@ max_connections and every connection logged: the shared one is left as it is.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from app.api.probes import READY_TIMEOUT_SECONDS
 from app.storage import StorageUnavailable
 from app.storage.postgres_budget import ServerLimits, budget_refusal
 from tests.support.clients import MakeClient, message
@@ -211,3 +217,44 @@ def test_the_budget_counts_every_limit_the_server_applies(
 ) -> None:
     refusal = budget_refusal(server, needed, "a pool")
     assert refusal is None if refused is None else refused in (refusal or "")
+
+
+@contextlib.contextmanager
+def frozen(cluster: PostgresCluster) -> Iterator[None]:
+    """The postmaster and every backend stopped (SIGSTOP), as in the failure drill."""
+    postmaster = int((cluster.data / "postmaster.pid").read_text().split()[0])
+    children = subprocess.run(
+        ["pgrep", "-P", str(postmaster)], capture_output=True, text=True, check=False
+    ).stdout.split()
+    pids = [postmaster, *map(int, children)]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+@pytest.mark.slow
+def test_readiness_answers_at_its_own_deadline_while_the_server_is_frozen(
+    tls_cluster: PostgresCluster, make_client: MakeClient
+) -> None:
+    # A write deadline far beyond the readiness one: a probe that waited for its
+    # cancelled statement to unwind would take that long (the drill saw 4 s of 5).
+    write_timeout = 30.0
+    client = make_client(
+        database_url=tls_cluster.create_database("frozen"), write_timeout_seconds=write_timeout
+    )
+    assert client.get("/health/ready").status_code == 200
+    with frozen(tls_cluster):
+        started = time.monotonic()
+        statuses = [client.get("/health/ready").status_code for _ in range(3)]
+        waited = time.monotonic() - started
+    assert statuses == [503, 503, 503]
+    # A hang guard, far from both: three probes at 1 s each, or 30 s for the first.
+    assert waited < 3 * READY_TIMEOUT_SECONDS + write_timeout / 3
+    deadline = time.monotonic() + 30
+    while client.get("/health/ready").status_code != 200:
+        assert time.monotonic() < deadline, "not ready again after the server was thawed"
+        time.sleep(0.1)
