@@ -16,7 +16,8 @@ from typing import BinaryIO
 
 import asyncpg
 
-from app.config import ConfigError, DatabaseSettings, load_database_settings
+from app.config import ConfigError, load_database_settings
+from app.database_config import DatabaseSettings
 from app.logging_utils import refuse_to_start
 from app.models import InvalidMessage, ListQuery, check_msisdn, instant_key
 from app.storage import MessageStore, PostgresStore, SQLiteStore, StorageUnavailable

@@ -11,13 +11,13 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from app.config import (
-    FILE_SETTINGS,
     ConfigError,
     Settings,
     load_database_settings,
     load_settings,
     standard_webhook_key,
 )
+from app.database_config import FILE_SETTINGS
 from tests.support.clients import MakeClient, json_lines
 from tests.support.servers import UVICORN, free_port, run_module
 

@@ -47,6 +47,13 @@ class ServerLimits:
         return self.max_connections - self.superuser_reserved - self.reserved
 
 
+def store_budget(pool_size: int, *, pooled: bool) -> tuple[int, str]:
+    """(connections, what they are) one store holds on PostgreSQL itself."""
+    if pooled:
+        return 1, "the feed's LISTEN; the pools go through the pooler"
+    return pool_size + 1, f"a pool of {pool_size} and the feed's LISTEN"
+
+
 def budget_refusal(limits: ServerLimits, needed: int, what: str) -> str | None:
     """Why `needed` connections (`what` they are) cannot fit, or None if they can."""
     needs = f"this process needs {needed} connections to PostgreSQL ({what})"
