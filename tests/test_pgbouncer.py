@@ -16,6 +16,7 @@ import pytest
 from app.config import ConfigError, load_database_settings
 from app.storage import QueryTooExpensive, StorageUnavailable, postgres_connection
 from tests.support.clients import AppClient, MakeClient, message
+from tests.support.lifecycle import ADMIN_HEADERS, ADMIN_TOKENS
 from tests.support.pgbouncer import running_pgbouncer, why_no_pgbouncer
 from tests.support.postgres import PostgresCluster, database_name
 
@@ -135,6 +136,29 @@ def test_the_feed_wakes_other_replicas_through_the_direct_connection(
     assert heard is (listen == "direct")
     data = a.get("/feed", params={"wait": 5}).json()["data"]
     assert [item["message_id"] for item in data] == ["via-b"]
+
+
+def test_export_and_erasure_read_through_cursors_through_pgbouncer(
+    postgres: PostgresCluster, bouncer: int, make_client: MakeClient
+) -> None:
+    # Both read through a named cursor in one transaction; asyncpg closes its statement
+    # lazily, maybe on another server session: twice each.
+    url = postgres.create_database("cursors")
+    client = make_client(**pooled(bouncer, url, admin_tokens=ADMIN_TOKENS))
+    for index in range(30):
+        sender = SENDERS[index % 3]
+        assert (
+            client.post_signed(message(message_id=f"c-{index}", **{"from": sender})).status_code
+            == 200
+        )
+    for _ in range(2):
+        exported = client.get("/messages/export")
+        assert exported.status_code == 200
+        assert len(exported.text.splitlines()) == client.get("/messages").json()["total"]
+    for sender in SENDERS[:2]:
+        erased = client.delete(f"/numbers/{sender}", headers=ADMIN_HEADERS)
+        assert erased.status_code == 200, erased.text
+    assert client.get("/stats").json()["total_messages"] == 10
 
 
 def test_synchronous_commit_off_for_the_role_is_refused_through_pgbouncer(
