@@ -6,18 +6,22 @@ max_connections and every connection logged: the shared one is left as it is.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from app.api.probes import READY_TIMEOUT_SECONDS
@@ -183,6 +187,48 @@ def test_a_role_connection_limit_below_the_pool_is_refused(
         make_client(database_url=limited, database_pool_size=5)
     client = make_client(database_url=limited, database_pool_size=4)
     assert client.post_signed(message()).status_code == 200
+
+
+@contextlib.contextmanager
+def held_connections(url: str, count: int) -> Iterator[None]:
+    """`count` connections to `url`, open until the block ends (on a loop of their own)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def run(coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout=30)
+
+    try:
+        held = [run(asyncpg.connect(url)) for _ in range(count)]
+        yield
+        for conn in held:
+            run(conn.close())
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
+@pytest.mark.parametrize(("others", "warned"), [(0, False), (8, True)])
+def test_a_pool_that_fits_only_once_others_close_starts_with_a_warning(
+    tls_cluster: PostgresCluster,
+    make_client: MakeClient,
+    caplog: pytest.LogCaptureFixture,
+    others: int,
+    warned: bool,
+) -> None:
+    # 17 allowed, 8 taken: 9 free for the 10 + 1 this process needs.
+    url = tls_cluster.create_database("crowded")
+    with caplog.at_level(logging.WARNING, logger="app.storage"), held_connections(url, others):
+        client = make_client(database_url=url, database_pool_size=10)
+        assert client.post_signed(message()).status_code == 200
+    warnings = [
+        (record.needed, record.free)  # type: ignore[attr-defined]
+        for record in caplog.records
+        if record.getMessage() == "the database has fewer free connections than this process needs"
+    ]
+    assert warnings == ([(11, ALLOWED - others)] if warned else [])
 
 
 def limits(**overrides: Any) -> ServerLimits:
