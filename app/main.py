@@ -156,7 +156,7 @@ def create_app(
             store = await store_opener(app_settings)
         except StorageUnavailable as exc:
             # The cause on one line; uvicorn then logs a traceback and exits with 3.
-            logger.critical("cannot start: the database", extra={"reason": str(exc)})
+            logger.critical("cannot start", extra={"reason": str(exc)})
             raise
         hub = FeedHub(store)
         metrics.follow_feed(hub)

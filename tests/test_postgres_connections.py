@@ -133,7 +133,7 @@ def test_verify_full_starts_only_with_the_ca_that_signed_the_server(
         code, lines = start_refused(tmp_path, env)
         assert code != 0
         assert critical(lines) == (
-            "cannot start: the database: cannot connect to the database:"
+            "cannot start: cannot connect to the database:"
             " SSLCertVerificationError: the server's certificate was refused"
             " (self-signed certificate)"
         )
@@ -169,7 +169,7 @@ def test_a_pool_the_server_cannot_hold_is_refused_at_start_up(
     code, lines = start_refused(tmp_path, env)
     assert code != 0
     assert critical(lines) == (
-        f"cannot start: the database: this process needs {ALLOWED + 1} connections to"
+        f"cannot start: this process needs {ALLOWED + 1} connections to"
         f" PostgreSQL (a pool of {ALLOWED} and the feed's LISTEN), more than the server allows"
         f" (max_connections {MAX_CONNECTIONS} - superuser_reserved_connections 3 = {ALLOWED});"
         " lower DATABASE_POOL_SIZE or raise the limit (docs/postgres.md, Connection budget)"
