@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import asyncpg
 
@@ -35,11 +36,12 @@ TRANSIENT_AT_START = (
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
 )
-# What no retry cures: a certificate refused, a file the URL names (sslrootcert, sslcert,
-# sslkey) missing, a parameter asyncpg does not accept. Checked before TRANSIENT_AT_START,
-# which they would otherwise match (they are OSErrors).
-LOCAL_FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-SETUP_ERRORS = (ssl.SSLCertVerificationError, asyncpg.ClientConfigurationError, *LOCAL_FILE_ERRORS)
+# What no retry cures: a certificate refused, a parameter asyncpg does not accept.
+# Checked before TRANSIENT_AT_START, which the first would otherwise match (an OSError).
+SETUP_ERRORS = (ssl.SSLCertVerificationError, asyncpg.ClientConfigurationError)
+# The files a URL may name for TLS; checked before connecting, since a missing one is an
+# OSError like a server that is not up yet.
+TLS_FILES = ("sslrootcert", "sslcert", "sslkey", "sslcrl")
 CONNECT_TIMEOUT_SECONDS = 5.0
 # Behind a transaction-mode pooler a connection is a different server session from one
 # transaction to the next: no statement cache (asyncpg would reuse statements prepared on
@@ -60,8 +62,6 @@ def describe_connect(exc: BaseException, url: str) -> str:
     """describe(), and for a setup error (SETUP_ERRORS) what to fix; never the password."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         reason = f"the server's certificate was refused ({exc.verify_message})"
-    elif isinstance(exc, LOCAL_FILE_ERRORS):
-        reason = f"a file DATABASE_URL names (sslrootcert, sslcert, sslkey): {exc.strerror}"
     elif isinstance(exc, asyncpg.ClientConfigurationError):
         reason = str(exc)
     else:
@@ -70,6 +70,15 @@ def describe_connect(exc: BaseException, url: str) -> str:
     for secret in {password, unquote(password)} if password else ():
         reason = reason.replace(secret, "***")
     return f"{describe(exc)}: {reason}"
+
+
+def unreadable_tls_file(url: str) -> str | None:
+    """What is wrong with the first TLS file the URL names that cannot be read, if any."""
+    for name, values in parse_qs(urlsplit(url).query).items():
+        for path in values if name in TLS_FILES else ():
+            if not os.path.isfile(path) or not os.access(path, os.R_OK):
+                return f"{name}={path} in the URL is not a readable file"
+    return None
 
 
 def read_settings(read_timeout: float) -> dict[str, str]:
@@ -185,6 +194,8 @@ async def migrate(
     `budget`: (connections, what they are) this process will hold; refused first if the
     server cannot give them (app/storage/postgres_budget.py).
     """
+    if (problem := unreadable_tls_file(url)) is not None:
+        raise StorageUnavailable(f"cannot connect to the database: {problem}")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + startup_timeout
     delay = 0.25
