@@ -91,7 +91,7 @@ checkov: $(CHECKOV_STAMP)
 # belong to the reliability battery. `make test` runs everything, as CI does.
 test-fast: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q -m "not slow and not reliability"
+	$(BIN)/pytest -q -n 2 -m "not slow and not reliability"
 
 # The reliability battery's long tier (100+ SIGKILLs, 20,000 examples per property, 1,000
 # schemathesis examples per operation, ...); prints its figures at the end.

@@ -298,12 +298,16 @@ def init_db() -> int:
         return EXIT_OK
     try:
         asyncio.run(
-            migrate(database.target, startup_timeout=settings.database_startup_timeout_seconds)
+            migrate(
+                settings.direct_database_url,
+                startup_timeout=settings.database_startup_timeout_seconds,
+            )
         )
     except StorageUnavailable as exc:
         refuse_to_start(f"init-db: {exc}")
         return EXIT_UNEXPECTED
-    print(f"schema version {SCHEMA_VERSION} applied to {describe_postgres_url(database.target)}")
+    where = describe_postgres_url(settings.direct_database_url)
+    print(f"schema version {SCHEMA_VERSION} applied to {where}")
     return EXIT_OK
 
 

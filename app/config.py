@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from pydantic import (
@@ -16,11 +14,10 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from app.database_config import DatabaseSettings
 from app.setting_values import (
     SecretFileError,
-    SecretFiles,
     parse_admin_tokens,
     parse_allowed_hosts,
     parse_tokens,
@@ -40,24 +37,6 @@ DEFAULT_ALLOWED_HOSTS = "localhost,127.0.0.1,[::1]"
 
 class ConfigError(Exception):
     """A setting is missing or invalid; the message names the variable and fits on one line."""
-
-
-@dataclass(frozen=True, slots=True)
-class DatabaseURL:
-    """A parsed `DATABASE_URL`: which backend, and where."""
-
-    scheme: Literal["sqlite", "postgresql"]
-    # For SQLite: a filesystem path or ":memory:". For PostgreSQL: the URL as given.
-    target: str
-
-    @property
-    def is_memory(self) -> bool:
-        return self.scheme == "sqlite" and self.target == ":memory:"
-
-    def __repr__(self) -> str:
-        # A PostgreSQL URL may carry a password; never print it.
-        shown = self.target if self.scheme == "sqlite" else "postgresql://***"
-        return f"DatabaseURL({self.scheme!r}, {shown!r})"
 
 
 def standard_webhook_key(secret: str) -> bytes:
@@ -81,104 +60,6 @@ def standard_webhook_key(secret: str) -> bytes:
     if not key or encoded not in (canonical, canonical.rstrip("=")):
         raise error
     return key
-
-
-# The settings that may come from a file (NAME_FILE): every secret, and DATABASE_URL (it
-# holds a password). A new secret setting is added here.
-FILE_SETTINGS = frozenset(
-    {
-        "webhook_secret",
-        "webhook_secret_previous",
-        "whatsapp_app_secret",
-        "whatsapp_verify_token",
-        "read_tokens",
-        "metrics_token",
-        "admin_tokens",
-        "database_url",
-    }
-)
-
-
-def parse_database_url(url: str) -> DatabaseURL:
-    if url.startswith("sqlite:///"):
-        path = url.removeprefix("sqlite:///")
-        if not path:
-            raise ValueError("a SQLite URL needs a path, e.g. sqlite:///./data/app.db")
-        if path == ":memory:":
-            return DatabaseURL("sqlite", ":memory:")
-        # sqlite:////data/app.db keeps its leading slash: an absolute path.
-        return DatabaseURL("sqlite", str(Path(path)))
-    if url.startswith(("postgresql://", "postgres://")):
-        return DatabaseURL("postgresql", url)
-    scheme = url.split(":", 1)[0] if ":" in url else url
-    raise ValueError(
-        f"unsupported scheme {scheme[:20]!r}; expected sqlite:///<path>, "
-        "sqlite:///:memory: or postgresql://user:pass@host:5432/db"
-    )
-
-
-class DatabaseSettings(BaseSettings):
-    """What reaching the database needs: all that `python -m app init-db` reads."""
-
-    model_config = SettingsConfigDict(
-        env_prefix="", case_sensitive=False, extra="ignore", frozen=True
-    )
-
-    # Not in repr: a PostgreSQL URL carries a password.
-    database_url: str = Field(default="sqlite:///./data/app.db", repr=False)
-    # PostgreSQL only: connections per process in all (one for readiness checks, the read
-    # pool, the rest for writes: docs/limits.md), and how long start-up waits for the
-    # database to accept connections (compose may start the API first).
-    database_pool_size: int = Field(default=10, ge=3, le=500)
-    # Of those, the reads' (unset: 3, or what a small pool leaves).
-    database_read_pool_size: int | None = Field(default=None, ge=1, le=498)
-    database_startup_timeout_seconds: float = Field(default=30.0, ge=0, le=600)
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # No .env reading here: the scripts and Compose handle .env, the service reads
-        # only its environment (and the files it names).
-        return (init_settings, SecretFiles(settings_cls, FILE_SETTINGS), env_settings)
-
-    @field_validator("database_url")
-    @classmethod
-    def _known_database_url(cls, value: str) -> str:
-        parse_database_url(value)
-        return value
-
-    @field_validator("database_read_pool_size", mode="before")
-    @classmethod
-    def _empty_read_pool_is_unset(cls, value: object) -> object:
-        return None if value == "" else value
-
-    @field_validator("database_read_pool_size")
-    @classmethod
-    def _reads_leave_room(cls, value: int | None, info: ValidationInfo) -> int | None:
-        pool = info.data.get("database_pool_size")
-        if value is not None and isinstance(pool, int) and value > pool - 2:
-            raise ValueError(
-                f"must leave DATABASE_POOL_SIZE ({pool}) a connection for writes and one for"
-                " readiness checks"
-            )
-        return value
-
-    @property
-    def read_pool_size(self) -> int:
-        """Connections for reads, out of database_pool_size."""
-        if self.database_read_pool_size is not None:
-            return self.database_read_pool_size
-        return max(1, min(3, self.database_pool_size - 2))
-
-    @property
-    def database(self) -> DatabaseURL:
-        return parse_database_url(self.database_url)
 
 
 class Settings(DatabaseSettings):

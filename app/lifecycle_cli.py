@@ -16,7 +16,8 @@ from typing import BinaryIO
 
 import asyncpg
 
-from app.config import ConfigError, DatabaseSettings, load_database_settings
+from app.config import ConfigError, load_database_settings
+from app.database_config import DatabaseSettings
 from app.logging_utils import refuse_to_start
 from app.models import InvalidMessage, ListQuery, check_msisdn, instant_key
 from app.storage import MessageStore, PostgresStore, SQLiteStore, StorageUnavailable
@@ -28,7 +29,13 @@ from app.storage.lifecycle import (
     export_line,
     parse_import_line,
 )
-from app.storage.postgres_connection import CONNECT_TIMEOUT_SECONDS, DATABASE_ERRORS, describe
+from app.storage.postgres_connection import (
+    CONNECT_TIMEOUT_SECONDS,
+    DATABASE_ERRORS,
+    SETUP_ERRORS,
+    describe,
+    describe_connect,
+)
 from app.storage.postgres_lifecycle import export_page
 from app.storage.postgres_sql import CHECK_SCHEMA
 from app.storage.sqlite_backup import BackupError, backup, restore
@@ -86,7 +93,8 @@ def export(
         if settings.database.scheme == "sqlite":
             count = _export_sqlite(settings.database.target, query, out)
         else:
-            count = asyncio.run(_export_postgres(settings.database.target, query, out))
+            # Directly, not through a pooler: one long snapshot, read through a cursor.
+            count = asyncio.run(_export_postgres(settings.direct_database_url, query, out))
         out.flush()
     except BrokenPipeError:
         # The reader went away (`| head`): stop quietly, and let nothing flush at exit.
@@ -116,8 +124,8 @@ def _export_sqlite(path: str, query: ListQuery, out: BinaryIO) -> int:
 async def _export_postgres(url: str, query: ListQuery, out: BinaryIO) -> int:
     try:
         conn = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT_SECONDS)
-    except DATABASE_ERRORS as exc:
-        raise Refused(f"cannot connect to the database: {describe(exc)}") from None
+    except (*DATABASE_ERRORS, *SETUP_ERRORS) as exc:
+        raise Refused(f"cannot connect to the database: {describe_connect(exc, url)}") from None
     count = 0
     try:
         version, _ = await conn.fetchrow(CHECK_SCHEMA) or (None, None)
@@ -171,6 +179,8 @@ async def open_for_cli(settings: DatabaseSettings) -> MessageStore:
         write_timeout=CLI_TIMEOUT_SECONDS,
         read_timeout=CLI_TIMEOUT_SECONDS,
         startup_timeout=settings.database_startup_timeout_seconds,
+        direct_url=settings.direct_database_url,
+        pooled=settings.database_pooler != "none",
     )
 
 

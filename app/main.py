@@ -27,7 +27,7 @@ from app.metrics import Metrics
 from app.middleware import DirectRoutes, ObservabilityMiddleware
 from app.rejections import RejectionRecorder
 from app.retention import Retention
-from app.storage import MessageStore, open_store
+from app.storage import MessageStore, StorageUnavailable, open_store
 
 logger = logging.getLogger("app")
 
@@ -152,7 +152,12 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
-        store = await store_opener(app_settings)
+        try:
+            store = await store_opener(app_settings)
+        except StorageUnavailable as exc:
+            # The cause on one line; uvicorn then logs a traceback and exits with 3.
+            logger.critical("cannot start", extra={"reason": str(exc)})
+            raise
         hub = FeedHub(store)
         metrics.follow_feed(hub)
         recorder.start(store)

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from app.config import ConfigError, Settings, load_settings, parse_database_url
+from app.config import ConfigError, Settings, load_settings
+from app.database_config import parse_database_url
 from tests.support.servers import UVICORN, free_port, run_module
 
 

@@ -40,8 +40,9 @@ DRAIN_SECONDS = 20
 # this long (app/api/feed.py: KEEPALIVE_SECONDS, WAIT_MAX_SECONDS).
 FEED_KEEPALIVE_SECONDS = 15
 FEED_WAIT_MAX_SECONDS = 8
-# PostgreSQL's default max_connections, less room for migrations and an operator's psql.
-CONNECTION_BUDGET = 100 - 10
+# PostgreSQL's default max_connections less superuser_reserved_connections, less room
+# for migrations and an operator's psql (docs/postgres.md, Connection budget).
+CONNECTION_BUDGET = 100 - 3 - 10
 
 
 def load_yaml_documents(path: Path) -> list[dict[str, Any]]:
@@ -250,7 +251,10 @@ def test_replicas_times_pool_fit_the_database() -> None:
     env = {item["name"]: item.get("value") for item in container()["env"]}
     max_replicas = one("HorizontalPodAutoscaler")["spec"]["maxReplicas"]
     assert one("HorizontalPodAutoscaler")["spec"]["minReplicas"] >= 2
-    assert max_replicas * int(env["DATABASE_POOL_SIZE"]) <= CONNECTION_BUDGET
+    surge = int(one("Deployment")["spec"]["strategy"]["rollingUpdate"]["maxSurge"])
+    # Each replica: its pool, and the feed's LISTEN connection.
+    per_replica = int(env["DATABASE_POOL_SIZE"]) + 1
+    assert (max_replicas + surge) * per_replica <= CONNECTION_BUDGET
 
 
 def test_compose_services_are_hardened_and_bounded() -> None:

@@ -11,13 +11,13 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from app.config import (
-    FILE_SETTINGS,
     ConfigError,
     Settings,
     load_database_settings,
     load_settings,
     standard_webhook_key,
 )
+from app.database_config import FILE_SETTINGS
 from tests.support.clients import MakeClient, json_lines
 from tests.support.servers import UVICORN, free_port, run_module
 
@@ -290,6 +290,7 @@ def test_every_secret_setting_reads_from_a_file(
         "METRICS_TOKEN": "metrics-token-0123456789",
         "ADMIN_TOKENS": "alice:admin-token-0123456789",
         "DATABASE_URL": "postgresql://app:p%40ss@db:5432/app",
+        "DATABASE_DIRECT_URL": "postgresql://app:p%40ss@db-primary:5432/app",
     }
     for name, value in values.items():
         path = tmp_path / name.lower()

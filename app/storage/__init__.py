@@ -47,4 +47,6 @@ async def open_store(settings: Settings, *, clock: Clock = system_clock) -> Mess
         max_scans=settings.max_concurrent_scans,
         startup_timeout=settings.database_startup_timeout_seconds,
         clock=clock,
+        direct_url=settings.direct_database_url,
+        pooled=settings.database_pooler != "none",
     )

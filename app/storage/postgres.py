@@ -34,40 +34,27 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
-from app.models import FeedQuery, ListQuery, Message, MessagePage, SenderCount, Stats
+from app.models import FeedQuery, ListQuery, Message, MessagePage, Stats
 from app.records import ConversationPage, Refusal, RejectionPage, StoredContent, TimelineRange
 from app.storage import postgres_console as console
+from app.storage import postgres_reads as reads
 from app.storage.base import StorageUnavailable, is_scan
 from app.storage.feed import FeedBatch, FeedSignal
 from app.storage.lifecycle import tombstone_hash
 from app.storage.migrations import SCHEMA_VERSION
+from app.storage.postgres_budget import store_budget
 from app.storage.postgres_connection import (
     DATABASE_ERRORS,
     bounded_read,
     describe,
     migrate,
     open_pools,
+    read_preamble,
 )
-from app.storage.postgres_feed import HEAD_STATEMENT, FeedChannel, feed_batch, feed_statement
-from app.storage.postgres_lifecycle import LOAD_KEY, PostgresLifecycle
-from app.storage.postgres_sql import (
-    CHECK_SCHEMA,
-    HAS_TRIGRAM_INDEX,
-    INSERT_MANY,
-    MAX_BATCH,
-    PROBE_WRITE,
-    STATS,
-    list_statement,
-)
-from app.storage.rows import (
-    Clock,
-    Row,
-    build_page,
-    format_instant,
-    message_row,
-    system_clock,
-    utc_now,
-)
+from app.storage.postgres_feed import FeedChannel
+from app.storage.postgres_lifecycle import PostgresLifecycle, load_key
+from app.storage.postgres_sql import HAS_TRIGRAM_INDEX, INSERT_MANY, MAX_BATCH
+from app.storage.rows import Clock, Row, format_instant, message_row, system_clock
 
 # migrate is imported from here by the CLI and the tests.
 __all__ = ["PostgresStore", "RowRejected", "migrate"]
@@ -76,12 +63,8 @@ logger = logging.getLogger("app.storage")
 
 T = TypeVar("T")
 
-__all__ = ["PostgresStore", "migrate"]
-
 if TYPE_CHECKING:
-    from asyncpg.pool import PoolConnectionProxy
-
-    Connection = PoolConnectionProxy[asyncpg.Record]
+    from app.storage.postgres_reads import Connection
 
 # What a row itself can cause (a value or a constraint the database refuses): that row
 # fails, the others in its batch are retried without it.
@@ -109,8 +92,10 @@ class PostgresStore:
         clock: Clock,
         max_scans: int = 2,
         trigram_index: bool = True,
+        read_preamble: str | None = None,
     ) -> None:
         self._pool = pool
+        self._read_preamble = read_preamble
         self._read_pool = read_pool
         self._probe_pool = probe_pool
         self._key = key
@@ -156,19 +141,24 @@ class PostgresStore:
         startup_timeout: float = 30.0,
         fold_interval: float = FOLD_INTERVAL_SECONDS,
         clock: Clock = system_clock,
+        direct_url: str | None = None,
+        pooled: bool = False,
     ) -> PostgresStore:
-        await migrate(url, startup_timeout=startup_timeout)
+        """`pooled`: `url` is a transaction-mode pooler (PgBouncer); then `direct_url`,
+        PostgreSQL itself, serves what needs a session: migrations and LISTEN."""
+        direct_url = direct_url or url
+        budget = store_budget(pool_size, pooled=pooled)
+        await migrate(direct_url, startup_timeout=startup_timeout, budget=budget)
         pool, read_pool, probe_pool = await open_pools(
-            url, pool_size=pool_size, read_pool_size=read_pool_size, read_timeout=read_timeout
+            url,
+            pool_size=pool_size,
+            read_pool_size=read_pool_size,
+            read_timeout=read_timeout,
+            pooled=pooled,
         )
         try:
             trigram_index = bool(await read_pool.fetchval(HAS_TRIGRAM_INDEX))
-            try:
-                key = await pool.fetchval(LOAD_KEY)
-            except DATABASE_ERRORS as exc:
-                raise StorageUnavailable(
-                    f"cannot read the lifecycle key: {describe(exc)}"
-                ) from None
+            key = await load_key(pool)
             store = cls(
                 pool,
                 read_pool=read_pool,
@@ -179,8 +169,9 @@ class PostgresStore:
                 clock=clock,
                 max_scans=max_scans,
                 trigram_index=trigram_index,
+                read_preamble=read_preamble(read_timeout) if pooled else None,
             )
-            store._feed_channel = await FeedChannel.open(url, store.feed_signal)
+            store._feed_channel = await FeedChannel.open(direct_url, store.feed_signal)
         except BaseException:
             for opened in (pool, read_pool, probe_pool):
                 opened.terminate()
@@ -298,46 +289,17 @@ class PostgresStore:
             self._feed_channel.committed()
 
     async def read_feed(self, query: FeedQuery) -> FeedBatch:
-        sql, args = feed_statement(query)
-
-        async def run(conn: Connection) -> list[asyncpg.Record]:
-            return list(await conn.fetch(sql, *args))
-
-        return feed_batch(await self._read(run), query)
+        return await self._read(lambda conn: reads.read_feed(conn, query))
 
     async def feed_head(self) -> int:
-        async def run(conn: Connection) -> int:
-            return int(await conn.fetchval(HEAD_STATEMENT))
-
-        return await self._read(run)
+        return await self._read(reads.read_head)
 
     async def list_messages(self, query: ListQuery) -> MessagePage:
-        sql, args = list_statement(query)
-
-        async def run(conn: Connection) -> list[asyncpg.Record]:
-            return list(await conn.fetch(sql, *args))
-
         scan = is_scan(query) or (query.q is not None and not self._trigram_index)
-        records = await self._read(run, scan=scan)
-        total = int(records[0]["total"])
-        rows = [tuple(record)[1:] for record in records if record["message_id"] is not None]
-        return build_page(rows, total, query)
+        return await self._read(lambda conn: reads.list_page(conn, query), scan=scan)
 
     async def stats(self) -> Stats:
-        async def run(conn: Connection) -> asyncpg.Record | None:
-            return await conn.fetchrow(STATS)
-
-        record = await self._read(run)
-        if record is None:
-            raise StorageUnavailable("message_totals has no row")
-        top = zip(record["top_senders"], record["top_counts"], strict=True)
-        return Stats(
-            total_messages=record["total"],
-            senders_count=record["senders"],
-            messages_per_sender=[SenderCount(from_=sender, count=count) for sender, count in top],
-            first_message_ts=record["first_ts"],
-            last_message_ts=record["last_ts"],
-        )
+        return await self._read(reads.read_stats)
 
     async def conversations(self, limit: int, after: tuple[str, str] | None) -> ConversationPage:
         return await self._read(lambda conn: console.conversations_page(conn, limit, after))
@@ -357,14 +319,12 @@ class PostgresStore:
         return await self._read(lambda conn: console.stored_contents(conn, ids))
 
     async def ping(self) -> None:
-        async def run(conn: Connection) -> int | None:
-            version, _ = await conn.fetchrow(CHECK_SCHEMA) or (None, None)
-            if version == SCHEMA_VERSION and not self._healthy:
-                # The last write failed: only a write proves that writes work again.
-                await conn.execute(PROBE_WRITE, utc_now())
-            return None if version is None else int(version)
-
-        version = await self._with_connection(run, self._write_timeout, self._probe_pool)
+        # After a failed write, only a write proves that writes work again.
+        version = await self._with_connection(
+            lambda conn: reads.check_schema(conn, write=not self._healthy),
+            self._write_timeout,
+            self._probe_pool,
+        )
         if version != SCHEMA_VERSION:
             raise StorageUnavailable(f"schema version is {version}, expected {SCHEMA_VERSION}")
         self._healthy = True
@@ -379,14 +339,7 @@ class PostgresStore:
 
     async def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         """Run one read-only statement (diagnostics and tests; not part of the API)."""
-        if not sql.lstrip().lower().startswith(("select", "with", "show")):
-            raise ValueError("query() runs read-only statements only")
-
-        async def run(conn: Connection) -> list[Row]:
-            async with conn.transaction(readonly=True):
-                return [tuple(record) for record in await conn.fetch(sql, *params)]
-
-        return await self._read(run)
+        return await self._read(lambda conn: reads.read_only_query(conn, sql, params))
 
     async def close(self) -> None:
         if self._flushers:
@@ -420,7 +373,9 @@ class PostgresStore:
 
     async def _read(self, fn: Callable[[Connection], Awaitable[T]], *, scan: bool = False) -> T:
         slots = self._scan_slots if scan else None
-        return await bounded_read(self._read_pool, fn, self._read_timeout, slots)
+        return await bounded_read(
+            self._read_pool, fn, self._read_timeout, slots, self._read_preamble
+        )
 
     async def _fold_forever(self, interval: float) -> None:
         failing = False

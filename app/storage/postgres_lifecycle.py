@@ -202,6 +202,15 @@ def export_page(
     return sql, args
 
 
+async def load_key(pool: asyncpg.Pool) -> bytes:
+    """The key tombstones are hashed with (made by the schema)."""
+    try:
+        key: bytes = await pool.fetchval(LOAD_KEY)
+    except DATABASE_ERRORS as exc:
+        raise StorageUnavailable(f"cannot read the lifecycle key: {describe(exc)}") from None
+    return key
+
+
 class PostgresLifecycle:
     """The store's lifecycle operations (MessageStore.lifecycle) on PostgreSQL."""
 

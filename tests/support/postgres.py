@@ -84,7 +84,9 @@ def why_unavailable() -> str | None:
 class PostgresCluster:
     """One initdb'd cluster: start, stop, restart, make databases, run admin SQL."""
 
-    def __init__(self, binaries: Path | None = None) -> None:
+    def __init__(
+        self, binaries: Path | None = None, settings: dict[str, str] | None = None
+    ) -> None:
         found = binaries or find_binaries()
         if found is None:
             raise RuntimeError("no PostgreSQL binaries")
@@ -96,6 +98,7 @@ class PostgresCluster:
         self.port = free_port()
         self._databases = 0
         self._shared = ""
+        self.settings = {**SETTINGS, **(settings or {})}
         if self.as_postgres:
             shutil.chown(self.root, user=USER, group=USER)
 
@@ -132,8 +135,13 @@ class PostgresCluster:
         with open(self.data / "postgresql.conf", "a", encoding="utf-8") as conf:
             conf.write(f"port = {self.port}\n")
             conf.write(f"unix_socket_directories = '{self.root}'\n")
-            for name, value in SETTINGS.items():
+            for name, value in self.settings.items():
                 conf.write(f"{name} = {value}\n")
+
+    def own(self, path: Path) -> None:
+        """Give `path` to the user the server runs as (a key file must be its own)."""
+        if self.as_postgres:
+            shutil.chown(path, user=USER, group=USER)
 
     def start(self) -> None:
         self._run(["pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start"])
@@ -178,15 +186,51 @@ class PostgresCluster:
 
 
 @contextlib.contextmanager
-def running_cluster() -> Iterator[PostgresCluster]:
-    """A started cluster of our own, removed afterwards (check why_unavailable() first)."""
-    cluster = PostgresCluster()
+def running_cluster(
+    settings: dict[str, str] | None = None, *, tls: bool = False
+) -> Iterator[PostgresCluster]:
+    """A started cluster of our own, removed afterwards (check why_unavailable() first).
+
+    `settings` go to postgresql.conf beside SETTINGS; `tls`: ssl = on, with a
+    self-signed certificate for 127.0.0.1 (`cluster.root / "server.crt"`).
+    """
+    cluster = PostgresCluster(settings=settings)
     try:
         cluster.init()
+        if tls:
+            enable_tls(cluster)
         cluster.start()
         yield cluster
     finally:
         cluster.destroy()
+
+
+def enable_tls(cluster: PostgresCluster) -> None:
+    """ssl = on with a fresh self-signed certificate for 127.0.0.1 (and no CA behind it)."""
+    crt, key = cluster.root / "server.crt", cluster.root / "server.key"
+    subject = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    files = ["-keyout", str(key), "-out", str(crt)]
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            *subject,
+            *files,
+        ],
+        check=True,
+        capture_output=True,
+    )
+    key.chmod(0o600)
+    for path in (crt, key):
+        cluster.own(path)
+    with open(cluster.data / "postgresql.conf", "a", encoding="utf-8") as conf:
+        conf.write(f"ssl = on\nssl_cert_file = '{crt}'\nssl_key_file = '{key}'\n")
 
 
 async def _migrate(url: str) -> None:
