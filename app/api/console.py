@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Response
 from fastapi.exceptions import RequestValidationError
 
 from app.api.deps import UNAVAILABLE, SettingsDep, StoreDep, json_response, unavailable
-from app.api.messages import CURSOR_PATTERN, optional
+from app.api.params import CURSOR_PATTERN, Limit, optional
 from app.models import INSTANT_PATTERN, check_instant, decode_position
 from app.records import (
     BucketSize,
@@ -45,7 +45,7 @@ def check_conversation_cursor(value: str) -> str:
 async def conversations(
     store: StoreDep,
     settings: SettingsDep,
-    limit: Annotated[int, Query(ge=1, le=100)] = 50,
+    limit: Limit = 50,
     cursor: Annotated[
         str | None,
         Query(
@@ -127,7 +127,7 @@ async def timeline(
 async def rejections(
     store: StoreDep,
     settings: SettingsDep,
-    limit: Annotated[int, Query(ge=1, le=100)] = 50,
+    limit: Limit = 50,
     cursor: Annotated[
         str | None,
         Query(

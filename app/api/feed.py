@@ -11,14 +11,13 @@ from typing import Annotated, cast
 
 import anyio
 from fastapi import APIRouter, Query, Request, Response
-from pydantic import BeforeValidator
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.types import Message, Receive, Scope, Send
 
 from app.api.deps import UNAVAILABLE, FeedHubDep, SettingsDep, StoreDep, json_response, unavailable
-from app.api.messages import SENDER_PATTERN, optional, plus_for_space
+from app.api.params import Sender
 from app.feed_hub import FeedHub, Subscriber, feed_page, read_waiting
-from app.models import FEED_LIMIT_MAX, FeedHead, FeedPage, FeedQuery, check_msisdn
+from app.models import FEED_LIMIT_MAX, FeedHead, FeedPage, FeedQuery
 from app.storage import StorageUnavailable
 
 logger = logging.getLogger("app.api")
@@ -34,16 +33,6 @@ WAIT_MAX_SECONDS = 8.0
 KEEPALIVE_SECONDS = 15.0
 SHUTDOWN_GRACE_SECONDS = 1.0
 
-Sender = Annotated[
-    str | None,
-    Query(
-        alias="from",
-        description="Only this sender, E.164 (a leading space reads as '+')",
-        json_schema_extra={"pattern": SENDER_PATTERN},
-    ),
-    BeforeValidator(plus_for_space),
-    optional(check_msisdn),
-]
 After = Annotated[
     int,
     Query(ge=0, le=POSITION_MAX, description="Only messages after this position"),

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import AfterValidator, BeforeValidator
 
@@ -27,18 +27,14 @@ from app.api.deps import (
     json_response,
     unavailable,
 )
-from app.api.messages import Q_MAX, SENDER_PATTERN, optional, plus_for_space
+from app.api.params import Recipient, Search, Sender, Since, Until, plus_for_space
 from app.models import (
     E164_PATTERN,
-    INSTANT_PATTERN,
     MESSAGE_ID_MAX,
-    NO_NUL_PATTERN,
     ListQuery,
     StoredMessage,
-    check_instant,
     check_msisdn,
     instant_key,
-    no_nul,
 )
 from app.storage import StorageUnavailable
 from app.storage.lifecycle import export_line
@@ -83,51 +79,11 @@ def erased_body(deleted: int, tombstones: int) -> bytes:
 async def export_messages(
     store: StoreDep,
     settings: SettingsDep,
-    sender: Annotated[
-        str | None,
-        Query(
-            alias="from",
-            description="Exact sender, E.164 (a leading space reads as '+')",
-            json_schema_extra={"pattern": SENDER_PATTERN},
-        ),
-        BeforeValidator(plus_for_space),
-        optional(check_msisdn),
-    ] = None,
-    recipient: Annotated[
-        str | None,
-        Query(
-            alias="to",
-            description="Exact recipient, E.164 (a leading space reads as '+')",
-            json_schema_extra={"pattern": SENDER_PATTERN},
-        ),
-        BeforeValidator(plus_for_space),
-        optional(check_msisdn),
-    ] = None,
-    since: Annotated[
-        str | None,
-        Query(
-            description="Only messages with ts >= since (ISO-8601 UTC, like ts)",
-            json_schema_extra={"pattern": INSTANT_PATTERN},
-        ),
-        optional(check_instant),
-    ] = None,
-    until: Annotated[
-        str | None,
-        Query(
-            description="Only messages with ts < until (exclusive; ISO-8601 UTC, like ts)",
-            json_schema_extra={"pattern": INSTANT_PATTERN},
-        ),
-        optional(check_instant),
-    ] = None,
-    q: Annotated[
-        str | None,
-        Query(
-            max_length=Q_MAX,
-            description="Case-insensitive substring of text",
-            json_schema_extra={"pattern": NO_NUL_PATTERN},
-        ),
-        optional(no_nul),
-    ] = None,
+    sender: Sender = None,
+    recipient: Recipient = None,
+    since: Since = None,
+    until: Until = None,
+    q: Search = None,
 ) -> Response:
     query = ListQuery(
         sender=sender,

@@ -6,40 +6,29 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from pydantic import AfterValidator, BeforeValidator
 
 from app.api.deps import UNAVAILABLE, StoreDep, answer_read
+from app.api.params import (
+    CURSOR_PATTERN,
+    Limit,
+    Recipient,
+    Search,
+    Sender,
+    Since,
+    Until,
+    optional,
+)
 from app.models import (
-    INSTANT_PATTERN,
-    NO_NUL_PATTERN,
     ListQuery,
     MessagePage,
     Stats,
-    check_instant,
-    check_msisdn,
     decode_position,
     instant_key,
-    no_nul,
 )
 
 router = APIRouter()
 
-Q_MAX = 256
 OFFSET_MAX = 1_000_000_000
-# For the OpenAPI document: what a query parameter must look like (the validators decide).
-SENDER_PATTERN = r"^[ +][1-9][0-9]{1,14}$"
-CURSOR_PATTERN = r"^[A-Za-z0-9_-]{1,1024}$"
-
-
-def plus_for_space(value: object) -> object:
-    # ?from=+91... unencoded arrives as " 91...": the '+' became a space.
-    if isinstance(value, str) and value.startswith(" "):
-        return "+" + value[1:]
-    return value
-
-
-def optional(check: Any) -> AfterValidator:
-    return AfterValidator(lambda value: value if value is None else check(value))
 
 
 def check_cursor(value: str) -> str:
@@ -65,57 +54,17 @@ def wrong_order(cursor_descending: bool) -> dict[str, Any]:
 async def list_messages(
     request: Request,
     store: StoreDep,
-    limit: Annotated[int, Query(ge=1, le=100)] = 50,
+    limit: Limit = 50,
     offset: Annotated[int, Query(ge=0, le=OFFSET_MAX)] = 0,
-    sender: Annotated[
-        str | None,
-        Query(
-            alias="from",
-            description="Exact sender, E.164 (a leading space reads as '+')",
-            json_schema_extra={"pattern": SENDER_PATTERN},
-        ),
-        BeforeValidator(plus_for_space),
-        optional(check_msisdn),
-    ] = None,
-    recipient: Annotated[
-        str | None,
-        Query(
-            alias="to",
-            description="Exact recipient, E.164 (a leading space reads as '+')",
-            json_schema_extra={"pattern": SENDER_PATTERN},
-        ),
-        BeforeValidator(plus_for_space),
-        optional(check_msisdn),
-    ] = None,
-    since: Annotated[
-        str | None,
-        Query(
-            description="Only messages with ts >= since (ISO-8601 UTC, like ts)",
-            json_schema_extra={"pattern": INSTANT_PATTERN},
-        ),
-        optional(check_instant),
-    ] = None,
-    until: Annotated[
-        str | None,
-        Query(
-            description="Only messages with ts < until (exclusive; ISO-8601 UTC, like ts)",
-            json_schema_extra={"pattern": INSTANT_PATTERN},
-        ),
-        optional(check_instant),
-    ] = None,
+    sender: Sender = None,
+    recipient: Recipient = None,
+    since: Since = None,
+    until: Until = None,
     order: Annotated[
         Literal["asc", "desc"],
         Query(description="asc: oldest first (the default); desc: newest first"),
     ] = "asc",
-    q: Annotated[
-        str | None,
-        Query(
-            max_length=Q_MAX,
-            description="Case-insensitive substring of text",
-            json_schema_extra={"pattern": NO_NUL_PATTERN},
-        ),
-        optional(no_nul),
-    ] = None,
+    q: Search = None,
     cursor: Annotated[
         str | None,
         Query(

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from app.api.messages import SENDER_PATTERN, plus_for_space
+from app.api.params import SENDER_PATTERN, plus_for_space
 from app.models import (
     E164_PATTERN,
     INSTANT_PATTERN,
