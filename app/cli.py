@@ -283,8 +283,8 @@ def init_db() -> int:
     from app.config import ConfigError, load_database_settings
     from app.storage import StorageUnavailable
     from app.storage.migrations import SCHEMA_VERSION
-    from app.storage.postgres import migrate
-    from app.storage.sqlite_connection import init_sqlite
+    from app.storage.postgres.store import migrate
+    from app.storage.sqlite.connection import init_sqlite
 
     try:
         settings = load_database_settings()

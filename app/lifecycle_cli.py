@@ -29,19 +29,19 @@ from app.storage.lifecycle import (
     export_line,
     parse_import_line,
 )
-from app.storage.postgres_connection import (
+from app.storage.postgres.connection import (
     CONNECT_TIMEOUT_SECONDS,
     DATABASE_ERRORS,
     SETUP_ERRORS,
     describe,
     describe_connect,
 )
-from app.storage.postgres_lifecycle import export_page
-from app.storage.postgres_sql import CHECK_SCHEMA
-from app.storage.sqlite_backup import BackupError, backup, restore
-from app.storage.sqlite_connection import connect_sqlite
-from app.storage.sqlite_lifecycle import export_all
-from app.storage.sqlite_reads import check_schema
+from app.storage.postgres.lifecycle import export_page
+from app.storage.postgres.sql import CHECK_SCHEMA
+from app.storage.sqlite.backup import BackupError, backup, restore
+from app.storage.sqlite.connection import connect_sqlite
+from app.storage.sqlite.lifecycle import export_all
+from app.storage.sqlite.reads import check_schema
 
 EXIT_OK = 0
 EXIT_FAILED = 1

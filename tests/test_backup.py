@@ -16,8 +16,8 @@ import pytest
 
 from app.main import create_app
 from app.storage.migrations import SCHEMA_VERSION
-from app.storage.sqlite_backup import BackupError, backup, restore
-from app.storage.sqlite_connection import init_sqlite
+from app.storage.sqlite.backup import BackupError, backup, restore
+from app.storage.sqlite.connection import init_sqlite
 from tests.support.battery import Connection, Ledger, signed
 from tests.support.clients import AppClient
 from tests.support.lifecycle import corpus, lifecycle_settings, post_all

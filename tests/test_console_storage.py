@@ -20,8 +20,8 @@ from app.models import Message, instant_key
 from app.records import RangeError, Refusal, dense_timeline, timeline_range
 from app.storage import PostgresStore, SQLiteStore
 from app.storage.migrations import migrations, split_statements
-from app.storage.sqlite_connection import init_sqlite
-from app.storage.sqlite_console import CONVERSATIONS as CONVERSATIONS_SQL
+from app.storage.sqlite.connection import init_sqlite
+from app.storage.sqlite.console import CONVERSATIONS as CONVERSATIONS_SQL
 from tests.support.postgres import PostgresCluster, database_name
 
 AnyStore = SQLiteStore | PostgresStore

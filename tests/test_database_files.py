@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from app.storage.sqlite_connection import init_sqlite
+from app.storage.sqlite.connection import init_sqlite
 from tests.support.clients import MakeClient, json_lines, message
 
 

@@ -15,8 +15,10 @@ from typing import Any
 import pytest
 
 from app.cli import main
-from app.storage import StorageUnavailable, postgres_lifecycle, sqlite_lifecycle
+from app.storage import StorageUnavailable
 from app.storage.lifecycle import ImportCounts, parse_import_line
+from app.storage.postgres import lifecycle as postgres_lifecycle
+from app.storage.sqlite import lifecycle as sqlite_lifecycle
 from tests.support.clients import AppClient, MakeClient, json_lines, message
 from tests.support.lifecycle import (
     ADMIN_HEADERS,

@@ -14,8 +14,8 @@ import pytest
 from app.models import Message
 from app.storage import StorageUnavailable
 from app.storage.lifecycle import tombstone_hash
-from app.storage.postgres import PostgresStore
-from app.storage.postgres_lifecycle import PURGE_LOCK, erase_message
+from app.storage.postgres.lifecycle import PURGE_LOCK, erase_message
+from app.storage.postgres.store import PostgresStore
 from app.storage.rows import utc_now
 from tests.support.broken_stores import erase_without_lock
 from tests.support.lifecycle import FakeClock

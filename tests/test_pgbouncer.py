@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from app.config import ConfigError, load_database_settings
-from app.storage import QueryTooExpensive, StorageUnavailable, postgres_connection
+from app.storage import QueryTooExpensive, StorageUnavailable
+from app.storage.postgres import connection as postgres_connection
 from tests.support.clients import AppClient, MakeClient, message
 from tests.support.lifecycle import ADMIN_HEADERS, ADMIN_TOKENS
 from tests.support.pgbouncer import running_pgbouncer, why_no_pgbouncer

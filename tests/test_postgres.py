@@ -16,7 +16,7 @@ import pytest
 from app.models import ListQuery, Message, Stats
 from app.storage import StorageUnavailable
 from app.storage.migrations import BACKENDS, SCHEMA_VERSION, apply_postgres_schema, migrations
-from app.storage.postgres import PostgresStore, migrate
+from app.storage.postgres.store import PostgresStore, migrate
 from tests.support.broken_stores import ReadThenInsert, TwoSnapshotStats
 from tests.support.clients import MakeClient, message
 from tests.support.postgres import PASSWORD, PostgresCluster, database_name

@@ -26,7 +26,7 @@ import pytest
 
 from app.api.probes import READY_TIMEOUT_SECONDS
 from app.storage import StorageUnavailable
-from app.storage.postgres_budget import ServerLimits, budget_refusal
+from app.storage.postgres.budget import ServerLimits, budget_refusal
 from tests.support.clients import MakeClient, message
 from tests.support.postgres import (
     PASSWORD,

@@ -16,7 +16,7 @@ import pytest
 from app.models import ListQuery, Message
 from app.storage import PostgresStore, QueryTooExpensive, SQLiteStore, StorageUnavailable
 from app.storage.base import SCAN_OFFSET, is_scan
-from app.storage.sqlite_readers import ReaderPool
+from app.storage.sqlite.readers import ReaderPool
 from tests.support.bulk import fill_postgres, fill_sqlite, fill_sqlite_connection
 from tests.support.clients import MakeClient, json_lines
 from tests.support.postgres import PostgresCluster

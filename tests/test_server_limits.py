@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from app.server import max_connections
-from app.storage.sqlite_connection import init_sqlite
+from app.storage.sqlite.connection import init_sqlite
 from tests.support.battery import Connection, host_port, signed, status_of
 from tests.support.bulk import fill_sqlite
 from tests.support.servers import SERVE, Server, running_server

@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 
 from app.models import ListQuery, Message, instant_key
-from app.storage import QueryTooExpensive, SQLiteStore, sqlite_checkpoint
+from app.storage import QueryTooExpensive, SQLiteStore
 from app.storage.migrations import SCHEMA_VERSION, apply_sqlite_schema, split_statements
-from app.storage.postgres import PostgresStore
-from app.storage.sqlite_connection import PAGE_SIZE, init_sqlite
+from app.storage.postgres.store import PostgresStore
+from app.storage.sqlite import checkpoint as sqlite_checkpoint
+from app.storage.sqlite.connection import PAGE_SIZE, init_sqlite
 from tests.support.bulk import fill_sqlite
 from tests.support.postgres import PostgresCluster
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from app.config import Settings
 from app.storage.base import Lifecycle, MessageStore, QueryTooExpensive, StorageUnavailable
-from app.storage.postgres import PostgresStore
+from app.storage.postgres.store import PostgresStore
 from app.storage.rows import Clock, system_clock
-from app.storage.sqlite import SQLiteStore
+from app.storage.sqlite.store import SQLiteStore
 
 __all__ = [
     "Lifecycle",

@@ -19,9 +19,9 @@ from app.main import create_app
 from app.models import FeedQuery, Message, Stats
 from app.storage import MessageStore
 from app.storage.feed import FeedBatch
-from app.storage.postgres import PostgresStore
-from app.storage.postgres_lifecycle import bury
-from app.storage.postgres_sql import INSERT_MANY
+from app.storage.postgres.lifecycle import bury
+from app.storage.postgres.sql import INSERT_MANY
+from app.storage.postgres.store import PostgresStore
 from app.storage.rows import message_row, utc_now
 
 _INSERT = (

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from app.models import instant_key
 from app.storage.rows import utc_now
-from app.storage.sqlite_connection import connect_sqlite
+from app.storage.sqlite.connection import connect_sqlite
 from bench.dataset import prefill_service
 
 BUSINESS = "+14155550100"

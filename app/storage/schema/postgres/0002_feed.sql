@@ -2,7 +2,7 @@
 -- transaction, by app.storage.migrations.
 
 -- Every stored message gets a position: (xid8 of the inserting transaction << 16) + the
--- row's ordinal within its INSERT statement (app/storage/postgres_sql.py). Every insert
+-- row's ordinal within its INSERT statement (app/storage/postgres/sql.py). Every insert
 -- the service makes is one autocommit statement, so one transaction holds one INSERT and
 -- positions never collide. The feed hands out only positions below
 -- pg_snapshot_xmin(pg_current_snapshot()) << 16: every transaction with an xid below

@@ -12,10 +12,10 @@ INSERT INTO lifecycle_key (id, key)
 VALUES (1, decode(replace(gen_random_uuid()::TEXT || gen_random_uuid()::TEXT, '-', ''), 'hex'));
 
 -- One row per erased or purged message: the first 16 bytes of HMAC-SHA256(key,
--- message_id). An insert of an id whose hash is here stores nothing (postgres_sql.py);
+-- message_id). An insert of an id whose hash is here stores nothing (postgres/sql.py);
 -- an erasure or a purge locks this table (so every insert) while it deletes and writes
 -- these, so no insert that started before can store the id again after it (see
--- postgres_lifecycle.py). expires_at NULL: an erasure, kept for good.
+-- postgres/lifecycle.py). expires_at NULL: an erasure, kept for good.
 CREATE TABLE tombstones (
   hash       BYTEA PRIMARY KEY,
   created_at TEXT COLLATE "C" NOT NULL,

@@ -3,7 +3,7 @@
 
 -- Every stored message gets a position: strictly increasing in commit order, never
 -- reused. The writer thread assigns them as it builds each group (app/storage/
--- sqlite_writer.py); a duplicate burns a number, which leaves a gap, never a repeat.
+-- sqlite/writer.py); a duplicate burns a number, which leaves a gap, never a repeat.
 -- Not the rowid: VACUUM may renumber the rowids of a table without an INTEGER PRIMARY
 -- KEY, and the rowid of a deleted newest row is handed out again.
 -- (SQLite cannot add a NOT NULL column without a default: the trigger below fills in a

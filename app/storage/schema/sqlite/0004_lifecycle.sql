@@ -12,7 +12,7 @@ INSERT INTO lifecycle_key (id, key) VALUES (1, randomblob(32)) ON CONFLICT (id) 
 
 -- One row per erased or purged message: the first 16 bytes of HMAC-SHA256(key,
 -- message_id), never the id or anything of the message. An insert of an id whose hash is
--- here stores nothing (see sqlite_writer.py). expires_at NULL: an erasure, kept for good;
+-- here stores nothing (see sqlite/writer.py). expires_at NULL: an erasure, kept for good;
 -- otherwise a retention purge's, deleted once expired.
 CREATE TABLE IF NOT EXISTS tombstones (
   hash       BLOB PRIMARY KEY,
@@ -28,7 +28,7 @@ CREATE INDEX IF NOT EXISTS tombstones_by_expiry ON tombstones (expires_at)
 CREATE INDEX IF NOT EXISTS messages_by_received ON messages (created_at);
 
 -- A purge leaves its rows' search entries for the indexer to delete in its quiet moments
--- (see SearchIndexer in sqlite_writer.py): the purge turns the delete trigger off for its
+-- (see SearchIndexer in sqlite/writer.py): the purge turns the delete trigger off for its
 -- own transaction (defer_deletes, set and cleared inside it, so nobody else ever sees it
 -- set) and queues the entries here instead. Erasures leave the trigger on: their text
 -- leaves the index in the same transaction.

@@ -8,7 +8,7 @@ import sqlite3
 import threading
 from collections.abc import Callable
 
-from app.storage.sqlite_connection import connect_sqlite, describe_sqlite_error
+from app.storage.sqlite.connection import connect_sqlite, describe_sqlite_error
 
 logger = logging.getLogger("app.storage")
 

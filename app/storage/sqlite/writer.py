@@ -23,8 +23,8 @@ from typing import Any
 from app.storage.base import StorageUnavailable
 from app.storage.lifecycle import tombstone_hash
 from app.storage.rows import Clock, Row, format_instant
-from app.storage.sqlite_connection import MAX_BATCH, describe_sqlite_error
-from app.storage.sqlite_search import SearchIndexer
+from app.storage.sqlite.connection import MAX_BATCH, describe_sqlite_error
+from app.storage.sqlite.search import SearchIndexer
 
 logger = logging.getLogger("app.storage")
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from app.storage.migrations import SCHEMA_VERSION
-from app.storage.sqlite_connection import connect_sqlite, describe_sqlite_error
+from app.storage.sqlite.connection import connect_sqlite, describe_sqlite_error
 
 BUSY_TIMEOUT_MS = 5000
 

@@ -28,10 +28,10 @@ from app.storage.lifecycle import (
     tombstone_hash,
 )
 from app.storage.rows import Clock, Row, format_instant, message_row
-from app.storage.sqlite_connection import MAX_BATCH, rollback
-from app.storage.sqlite_reads import list_filters
-from app.storage.sqlite_search import SearchIndexer
-from app.storage.sqlite_writer import Writer, insert_group
+from app.storage.sqlite.connection import MAX_BATCH, rollback
+from app.storage.sqlite.reads import list_filters
+from app.storage.sqlite.search import SearchIndexer
+from app.storage.sqlite.writer import Writer, insert_group
 
 T = TypeVar("T")
 

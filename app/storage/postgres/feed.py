@@ -1,6 +1,6 @@
 """The feed on PostgreSQL: the horizon query, and the channel that wakes every replica.
 
-Positions are `(xid8 << 16) + ordinal` (app/storage/postgres_sql.py). Transactions
+Positions are `(xid8 << 16) + ordinal` (app/storage/postgres/sql.py). Transactions
 commit in any order, so "position > last" alone would skip a row whose transaction
 commits after a later one was read. The feed therefore hands out, in one statement (one
 snapshot), only rows below `pg_snapshot_xmin(pg_current_snapshot()) << 16`: every

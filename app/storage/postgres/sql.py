@@ -13,7 +13,7 @@ from app.models import ListQuery
 # because this is the only INSERT of its transaction: it always runs as one autocommit
 # statement (docs/feed.md), or (an import) after nothing but a read. A duplicate burns its
 # ordinal. $8 holds each row's tombstone hash: an erased or purged id is left out (see
-# postgres_lifecycle.py for why an erasure running at the same moment cannot slip past
+# postgres/lifecycle.py for why an erasure running at the same moment cannot slip past
 # this check); $9 each row's created_at.
 INSERT_MANY = (
     "INSERT INTO messages"

@@ -1,12 +1,12 @@
 """The message store on SQLite.
 
 - One writer connection, owned by one thread, commits queued inserts in groups
-  (app/storage/sqlite_writer.py).
+  (app/storage/sqlite/writer.py).
 - WAL with synchronous=FULL: a commit returns only once the log is fsync'd, so a `200`
   survives power loss, not only a process crash. Checkpoints run in their own thread
-  (app/storage/sqlite_checkpoint.py).
+  (app/storage/sqlite/checkpoint.py).
 - Reads run on reader connections of their own (WAL lets them proceed during a write),
-  each with a deadline at which it is interrupted (app/storage/sqlite_readers.py). Reads
+  each with a deadline at which it is interrupted (app/storage/sqlite/readers.py). Reads
   that scan (see `is_scan`) have their own few threads, at a lower CPU priority, so that
   at most `max_scans` run at once and indexed reads never queue behind them; readiness
   checks have a thread and connection of their own too.
@@ -35,25 +35,25 @@ from app.storage.base import QueryTooExpensive, StorageUnavailable, is_scan
 from app.storage.feed import FeedBatch, FeedSignal
 from app.storage.migrations import apply_sqlite_schema
 from app.storage.rows import Clock, Row, message_row, system_clock
-from app.storage.sqlite_checkpoint import Checkpointer
-from app.storage.sqlite_connection import (
+from app.storage.sqlite.checkpoint import Checkpointer
+from app.storage.sqlite.connection import (
     connect_sqlite,
     describe_sqlite_error,
     prepare_database_file,
 )
-from app.storage.sqlite_console import (
+from app.storage.sqlite.console import (
     conversations_page,
     rejections_page,
     stored_contents,
     timeline_counts,
     write_rejections,
 )
-from app.storage.sqlite_feed import read_feed, read_head
-from app.storage.sqlite_lifecycle import SQLiteLifecycle, load_key
-from app.storage.sqlite_readers import ReaderPool, ReadTicket, await_read, run_ticket
-from app.storage.sqlite_reads import check_schema, list_page, probe_write, read_stats
-from app.storage.sqlite_search import SEARCH_BATCH
-from app.storage.sqlite_writer import STOP, Call, Insert, Writer
+from app.storage.sqlite.feed import read_feed, read_head
+from app.storage.sqlite.lifecycle import SQLiteLifecycle, load_key
+from app.storage.sqlite.readers import ReaderPool, ReadTicket, await_read, run_ticket
+from app.storage.sqlite.reads import check_schema, list_page, probe_write, read_stats
+from app.storage.sqlite.search import SEARCH_BATCH
+from app.storage.sqlite.writer import STOP, Call, Insert, Writer
 
 T = TypeVar("T")
 

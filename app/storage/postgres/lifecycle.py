@@ -40,8 +40,8 @@ from app.storage.lifecycle import (
     stored_message,
     tombstone_hash,
 )
-from app.storage.postgres_connection import DATABASE_ERRORS, describe
-from app.storage.postgres_sql import INSERT_MANY, binder, list_filters
+from app.storage.postgres.connection import DATABASE_ERRORS, describe
+from app.storage.postgres.sql import INSERT_MANY, binder, list_filters
 from app.storage.rows import Clock, Row, format_instant, message_row
 
 if TYPE_CHECKING:

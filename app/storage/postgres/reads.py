@@ -11,8 +11,8 @@ from app.models import FeedQuery, ListQuery, MessagePage, SenderCount, Stats
 from app.storage.base import StorageUnavailable
 from app.storage.feed import FeedBatch
 from app.storage.migrations import SCHEMA_VERSION
-from app.storage.postgres_feed import HEAD_STATEMENT, feed_batch, feed_statement
-from app.storage.postgres_sql import CHECK_SCHEMA, PROBE_WRITE, STATS, list_statement
+from app.storage.postgres.feed import HEAD_STATEMENT, feed_batch, feed_statement
+from app.storage.postgres.sql import CHECK_SCHEMA, PROBE_WRITE, STATS, list_statement
 from app.storage.rows import Row, build_page, utc_now
 
 if TYPE_CHECKING:

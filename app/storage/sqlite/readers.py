@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from app.storage.base import QueryTooExpensive, StorageUnavailable
-from app.storage.sqlite_connection import connect_sqlite, describe_sqlite_error, rollback
+from app.storage.sqlite.connection import connect_sqlite, describe_sqlite_error, rollback
 
 logger = logging.getLogger("app.storage")
 

@@ -15,7 +15,7 @@ import asyncpg
 
 from app.storage.base import QueryTooExpensive, StorageUnavailable
 from app.storage.migrations import SCHEMA_VERSION, apply_postgres_schema
-from app.storage.postgres_budget import check_connection_budget
+from app.storage.postgres.budget import check_connection_budget
 
 logger = logging.getLogger("app.storage")
 
@@ -192,7 +192,7 @@ async def migrate(
 
     Returns the version before. Used at start-up and by `python -m app init-db`.
     `budget`: (connections, what they are) this process will hold; refused first if the
-    server cannot give them (app/storage/postgres_budget.py).
+    server cannot give them (app/storage/postgres/budget.py).
     """
     if (problem := unreadable_tls_file(url)) is not None:
         raise StorageUnavailable(f"cannot connect to the database: {problem}")

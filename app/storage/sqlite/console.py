@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from app.records import ConversationPage, Refusal, RejectionPage, StoredContent
 from app.storage.rows import REJECTION_COLUMNS, build_conversations, build_rejections
-from app.storage.sqlite_connection import rollback
+from app.storage.sqlite.connection import rollback
 
 # Ids per statement when reading stored messages back (well under SQLite's variable limit).
 IDS_PER_STATEMENT = 500

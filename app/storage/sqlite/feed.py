@@ -1,7 +1,7 @@
 """The feed on SQLite: rows after a position, read on a reader connection.
 
 One writer thread assigns positions as it builds each group and commits the groups in
-order (app/storage/sqlite_writer.py), so a reader's snapshot always holds every position
+order (app/storage/sqlite/writer.py), so a reader's snapshot always holds every position
 up to the newest it sees: commit order is position order, and nothing can appear later
 below it.
 """

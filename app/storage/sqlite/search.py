@@ -1,4 +1,4 @@
-"""The SQLite search index, kept behind the inserts by the writer thread (sqlite_writer.py)."""
+"""The SQLite search index, kept behind the inserts by the writer thread (sqlite/writer.py)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import logging
 import sqlite3
 from collections.abc import Callable, Sequence
 
-from app.storage.sqlite_connection import describe_sqlite_error, rollback
+from app.storage.sqlite.connection import describe_sqlite_error, rollback
 
 logger = logging.getLogger("app.storage")
 
-# Rows per step of SQLiteStore.index_search() (the writer's own steps: sqlite_writer.py).
+# Rows per step of SQLiteStore.index_search() (the writer's own steps: sqlite/writer.py).
 SEARCH_BATCH = 2000
 
 

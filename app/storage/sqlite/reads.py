@@ -10,7 +10,7 @@ from app.models import ListQuery, MessagePage, SenderCount, Stats
 from app.storage.base import TRIGRAM, StorageUnavailable
 from app.storage.migrations import SCHEMA_VERSION
 from app.storage.rows import build_page, utc_now
-from app.storage.sqlite_connection import rollback
+from app.storage.sqlite.connection import rollback
 
 # After a failed write, readiness wants this much room in the database and on its disk.
 PROBE_ROOM_BYTES = 1024 * 1024

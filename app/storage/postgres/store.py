@@ -36,14 +36,14 @@ import asyncpg
 
 from app.models import FeedQuery, ListQuery, Message, MessagePage, Stats
 from app.records import ConversationPage, Refusal, RejectionPage, StoredContent, TimelineRange
-from app.storage import postgres_console as console
-from app.storage import postgres_reads as reads
 from app.storage.base import StorageUnavailable, is_scan
 from app.storage.feed import FeedBatch, FeedSignal
 from app.storage.lifecycle import tombstone_hash
 from app.storage.migrations import SCHEMA_VERSION
-from app.storage.postgres_budget import store_budget
-from app.storage.postgres_connection import (
+from app.storage.postgres import console as console
+from app.storage.postgres import reads as reads
+from app.storage.postgres.budget import store_budget
+from app.storage.postgres.connection import (
     DATABASE_ERRORS,
     bounded_read,
     describe,
@@ -51,9 +51,9 @@ from app.storage.postgres_connection import (
     open_pools,
     read_preamble,
 )
-from app.storage.postgres_feed import FeedChannel
-from app.storage.postgres_lifecycle import PostgresLifecycle, load_key
-from app.storage.postgres_sql import HAS_TRIGRAM_INDEX, INSERT_MANY, MAX_BATCH
+from app.storage.postgres.feed import FeedChannel
+from app.storage.postgres.lifecycle import PostgresLifecycle, load_key
+from app.storage.postgres.sql import HAS_TRIGRAM_INDEX, INSERT_MANY, MAX_BATCH
 from app.storage.rows import Clock, Row, format_instant, message_row, system_clock
 
 # migrate is imported from here by the CLI and the tests.
@@ -64,7 +64,7 @@ logger = logging.getLogger("app.storage")
 T = TypeVar("T")
 
 if TYPE_CHECKING:
-    from app.storage.postgres_reads import Connection
+    from app.storage.postgres.reads import Connection
 
 # What a row itself can cause (a value or a constraint the database refuses): that row
 # fails, the others in its batch are retried without it.
@@ -111,7 +111,7 @@ class PostgresStore:
         )
         self.feed_signal = FeedSignal()
         # Its own connection, beside the pools: LISTEN for the other replicas' commits and
-        # NOTIFY them of ours (app/storage/postgres_feed.py). Set by open().
+        # NOTIFY them of ours (app/storage/postgres/feed.py). Set by open().
         self._feed_channel: FeedChannel | None = None
         self._write_timeout = write_timeout
         self._read_timeout = read_timeout
@@ -280,7 +280,7 @@ class PostgresStore:
         self, conn: Connection, columns: list[list[Any]], hashes: list[bytes], now: str
     ) -> list[asyncpg.Record]:
         # One autocommit statement, hence one INSERT per transaction: the feed positions
-        # rely on it (app/storage/postgres_sql.py).
+        # rely on it (app/storage/postgres/sql.py).
         return list(await conn.fetch(INSERT_MANY, *columns, hashes, [now] * len(hashes)))
 
     def _announce(self) -> None:
