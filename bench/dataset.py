@@ -16,7 +16,7 @@ import asyncpg
 from app.models import instant_key
 from app.storage.migrations import apply_postgres_schema, apply_sqlite_schema
 from app.storage.rows import utc_now
-from app.storage.sqlite_connection import connect_sqlite
+from app.storage.sqlite.connection import connect_sqlite
 
 SENDERS = 10_000
 # One message in ten thousand carries it: a "selective" search term.

@@ -41,7 +41,7 @@ from app.config import Settings
 from app.metrics import Metrics
 from app.retention import Retention
 from app.storage import Lifecycle
-from app.storage.sqlite import SQLiteStore
+from app.storage.sqlite.store import SQLiteStore
 from bench.dataset import prefill_service
 from bench.run import PYTHON, ROOT, Load, Variant, fmt, fresh_inserts, serve
 from tests.support.postgres import running_cluster, why_unavailable
