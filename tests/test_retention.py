@@ -3,6 +3,8 @@ the tombstones it leaves and their expiry, on both backends."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -12,6 +14,7 @@ import pytest
 
 from app import retention
 from app.config import Settings
+from app.metrics import Metrics
 from app.retention import Retention
 from app.storage import SQLiteStore
 from tests.support.clients import AppClient, message
@@ -275,3 +278,46 @@ def test_waiting_entries_never_meet_a_reused_rowid(clock: FakeClock) -> None:
         index_search(client)
         fts_check(client)
         assert_exact(client)
+
+
+class TimedPurges:
+    """A lifecycle whose every purged row costs `row_seconds` on a timer the test owns,
+    with `rows` due: what the batch sizing sees, without a database's noise."""
+
+    def __init__(self, rows: int, row_seconds: float) -> None:
+        self.rows = rows
+        self.row_seconds = row_seconds
+        self.now = 0.0
+        self.sizes: list[int] = []
+
+    async def purge(self, older_than: Any, tombstone_for: Any, limit: int) -> int:
+        self.sizes.append(limit)
+        count = min(limit, self.rows)
+        self.rows -= count
+        self.now += count * self.row_seconds
+        return count
+
+    async def expire_tombstones(self, limit: int) -> int:
+        return 0
+
+
+@pytest.mark.parametrize(
+    ("row_ms", "settled"),
+    [(0.3, 50), (0.15, 100), (0.01, retention.PURGE_BATCH_MAX), (10.0, retention.PURGE_BATCH_MIN)],
+)
+def test_purge_batches_are_sized_to_take_about_the_target(
+    row_ms: float, settled: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(retention, "BATCH_PAUSE_SECONDS", 0)
+    purges = TimedPurges(rows=100_000, row_seconds=row_ms / 1000)
+    store = type("Store", (), {"lifecycle": purges})()
+    settings = lifecycle_settings("sqlite:///:memory:", retention_days=2, tombstone_days=5)
+    task = Retention(store, settings, Metrics(), timer=lambda: purges.now)
+    purged, _ = asyncio.run(task.run_once())
+    assert purged == 100_000
+    sizes = purges.sizes
+    assert sizes[0] == retention.PURGE_BATCH
+    # Never more than double the batch before, and settled at about the target.
+    assert all(after <= 2 * before for before, after in itertools.pairwise(sizes))
+    assert abs(sizes[-2] - settled) <= 1
+    assert task.batch == sizes[-1]
