@@ -136,7 +136,8 @@ lb-stats:
 # beside a naive reference and two raw-ASGI floors, then the service at a million rows,
 # then SQLite beside PostgreSQL with one and two API processes, then the feed (1,000
 # stream subscribers under a steady ingest; a poller catching up a million messages),
-# then the console at a million messages, then the cost bounds under attack.
+# then the console at a million messages, then the data lifecycle, then the cost bounds
+# under attack: about 2 hours in all.
 BENCH_ARGS ?= --passes 3 --million --scale-out
 FEED_ARGS ?= --passes 3
 bench: $(STAMP) wrk
