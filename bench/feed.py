@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import hmac
 import http.client
@@ -258,6 +259,11 @@ def catch_up(server: Server) -> tuple[int, float]:
     return count, count / elapsed
 
 
+# Each open stream holds one of the server's connections for as long as it is open: the
+# 1,000 subscribers and the posters need more than the default HTTP_MAX_CONNECTIONS.
+SERVICE = dataclasses.replace(VARIANTS["service"], env={"HTTP_MAX_CONNECTIONS": "4000"})
+
+
 def run_feed(args: argparse.Namespace, workdir: Path) -> list[str]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
@@ -266,7 +272,7 @@ def run_feed(args: argparse.Namespace, workdir: Path) -> list[str]:
         for kind in ("plain", "subscribers") if pass_index % 2 == 0 else ("subscribers", "plain"):
             run_dir = workdir / f"feed-{pass_index}-{kind}"
             run_dir.mkdir()
-            with serve(VARIANTS["service"], run_dir, run_dir / "app.db") as server:
+            with serve(SERVICE, run_dir, run_dir / "app.db") as server:
                 run = f"{pass_index}{kind[0]}"
                 if kind == "plain":
                     plain.append(ingest(server, args, run))
