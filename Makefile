@@ -31,7 +31,7 @@ OPERATOR_PORT ?= 8001
 
 .PHONY: up down logs demo docker-smoke test test-fast lint soak run init-db bench bench-quick \
 	bench-costs bench-feed bench-console screenshots wrk clean up-postgres down-postgres drills \
-	lb-stats checkov backup restore bench-lifecycle
+	lb-stats checkov backup restore bench-lifecycle bench-compare
 
 # The Compose stack: a secret (exported, else .env, else a fresh one in .env), a check
 # that a port published beyond loopback does not serve open reads (scripts/check-exposure),
@@ -167,6 +167,11 @@ bench-lifecycle: $(STAMP) wrk
 BENCH_COSTS_ARGS ?= --passes 3
 bench-costs: $(STAMP) wrk
 	$(BIN)/python -m bench.costs $(BENCH_COSTS_ARGS)
+
+# Several commits' ingest side by side: make bench-compare REFS="a077d41 HEAD".
+REFS ?= HEAD
+bench-compare: $(STAMP) wrk
+	$(BIN)/python -m bench.compare $(REFS)
 
 bench-quick: $(STAMP) wrk
 	$(BIN)/python -m bench.run --passes 1 --duration 3 --query-duration 2 --rows 20000
