@@ -23,7 +23,6 @@ handed the ring's events after its last one (docs/feed.md).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections import deque
@@ -33,6 +32,7 @@ from typing import Any
 from app.models import FeedQuery
 from app.storage import MessageStore, StorageUnavailable
 from app.storage.feed import FeedBatch, FeedRow
+from app.tasks import cancel_and_wait
 
 logger = logging.getLogger("app.feed")
 
@@ -265,9 +265,7 @@ class FeedHub:
             subscriber.drop()
         self._subscribers.clear()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
 
     def _spacing(self) -> float:
         # Each wake-up costs a write per subscriber: with a thousand of them, a few tens

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import gc
 import logging
@@ -29,6 +28,7 @@ from app.middleware import DirectRoutes, ObservabilityMiddleware
 from app.rejections import RejectionRecorder
 from app.retention import Retention
 from app.storage import MessageStore, StorageUnavailable, open_store
+from app.tasks import cancel_and_wait
 
 logger = logging.getLogger("app")
 
@@ -184,9 +184,7 @@ def create_app(
             }
         finally:
             gc.unfreeze()
-            retention.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await retention
+            await cancel_and_wait(retention)
             await hub.close()
             await recorder.stop(store)
             await store.close()

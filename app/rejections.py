@@ -15,7 +15,6 @@ query and compares. A sender reusing a message_id for different content still ge
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -29,6 +28,7 @@ from app.models import InvalidMessage, Message, instant_key_unchecked
 from app.records import Refusal, StoredContent
 from app.signature import EXPIRED, FUTURE, MALFORMED, MISMATCH, MISSING
 from app.storage import MessageStore, StorageUnavailable
+from app.tasks import cancel_and_wait
 
 logger = logging.getLogger("app.rejections")
 
@@ -175,8 +175,7 @@ class RejectionRecorder:
             # Never in the middle of a write: what it took from the queues would be lost.
             async with self._flushing:
                 self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
         await self.flush(store)
 

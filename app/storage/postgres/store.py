@@ -27,7 +27,6 @@ mirrors app/storage/schema/sqlite/), on asyncpg:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -55,6 +54,7 @@ from app.storage.postgres.feed import FeedChannel
 from app.storage.postgres.lifecycle import PostgresLifecycle, load_key
 from app.storage.postgres.sql import HAS_TRIGRAM_INDEX, INSERT_MANY, MAX_BATCH
 from app.storage.rows import Clock, Row, format_instant, message_row, system_clock
+from app.tasks import cancel_and_wait
 
 # migrate is imported from here by the CLI and the tests.
 __all__ = ["PostgresStore", "RowRejected", "migrate"]
@@ -347,9 +347,7 @@ class PostgresStore:
         if self._feed_channel is not None:
             await self._feed_channel.close()
         if self._folder is not None:
-            self._folder.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._folder
+            await cancel_and_wait(self._folder)
         for pool in (self._read_pool, self._probe_pool, self._pool):
             try:
                 await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT_SECONDS)
