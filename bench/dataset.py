@@ -207,8 +207,11 @@ async def _prefill_postgres(url: str, count: int, prefix: str) -> None:
                 instant_key(str(m["ts"])),
                 None if m["text"] is None else str(m["text"]).casefold(),
                 now,
+                position,
             )
-            for m in messages(prefix, count)
+            # Positions 1..N, as schema 2 numbers the rows it finds: below every
+            # transaction's own (app/storage/schema/postgres/0002_feed.sql).
+            for position, m in enumerate(messages(prefix, count), start=1)
         )
         await conn.copy_records_to_table(
             "messages",
@@ -222,6 +225,7 @@ async def _prefill_postgres(url: str, count: int, prefix: str) -> None:
                 "ts_key",
                 "text_folded",
                 "created_at",
+                "position",
             ],
         )
         await conn.execute("SELECT fold_message_counts()")
