@@ -8,6 +8,8 @@
   during the purge beside the same load on the same store without one (the order
   alternates from pass to pass), and the time of each purge batch alone, which is the
   longest an insert can wait behind one.
+- The pauses of ingest during a purge, in process (bench/pauses.py): the longest gaps
+  between two inserts' completions with 64 inserters, without a purge and during one.
 - The insert path on a store holding half a million tombstones beside the same store
   without them: what the tombstone check costs.
 - With --baseline REF (a git ref, e.g. main before this feature): REF's service beside
@@ -43,6 +45,7 @@ from app.retention import Retention
 from app.storage import Lifecycle
 from app.storage.sqlite.store import SQLiteStore
 from bench.dataset import prefill_service
+from bench.pauses import ingest_pauses
 from bench.run import PYTHON, ROOT, Load, Variant, fmt, fresh_inserts, serve
 from tests.support.postgres import running_cluster, why_unavailable
 
@@ -210,6 +213,7 @@ def run_purge(args: argparse.Namespace, workdir: Path, source: Path) -> list[str
                         purges.append((entry["purged"], entry["seconds"]))
             shutil.rmtree(run_dir)
         print(f"  pass {pass_index + 1}: purge under load done", file=sys.stderr)
+    pauses = ingest_pauses(aged, workdir, 20, args.passes)
     alone = workdir / "alone.db"
     shutil.copy(aged, alone)
     batches, purged, seconds = asyncio.run(batch_times(alone))
@@ -262,7 +266,7 @@ def run_purge(args: argparse.Namespace, workdir: Path, source: Path) -> list[str
         f" {len(batches):,} batches of median {median([float(n) for n, _ in batches]):.0f} rows;"
         f" per batch: median {median(times):.1f} ms, p99 {p99:.1f} ms, max {ordered[-1]:.1f} ms"
     )
-    return lines
+    return lines + pauses
 
 
 def run_baseline(args: argparse.Namespace, workdir: Path) -> list[str]:

@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 
 from app.models import ListQuery, Message, instant_key
-from app.storage import QueryTooExpensive, SQLiteStore
+from app.storage import QueryTooExpensive, SQLiteStore, StorageUnavailable
 from app.storage.migrations import SCHEMA_VERSION, apply_sqlite_schema, split_statements
 from app.storage.postgres.store import PostgresStore
 from app.storage.sqlite import checkpoint as sqlite_checkpoint
+from app.storage.sqlite import store as sqlite_store
 from app.storage.sqlite.connection import PAGE_SIZE, init_sqlite
 from tests.support.bulk import fill_sqlite
 from tests.support.postgres import PostgresCluster
@@ -223,6 +224,56 @@ async def test_the_wal_starts_over_under_a_load_that_never_pauses(
     # here), the broken one does not (0-1: only when a PASSIVE happens to catch up).
     assert restarts >= 5
     assert broken_restarts < 5
+
+
+async def commits_refused_during_restarts(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[int, int]:
+    """Nonstop inserts with WAL restarts, the writer never waiting for a lock (busy
+    timeout 0): (restarts, inserts refused because a lock was taken)."""
+    monkeypatch.setattr(sqlite_checkpoint, "CHECKPOINT_INTERVAL_SECONDS", 0.01)
+    monkeypatch.setattr(sqlite_checkpoint, "WAL_RESTART_BYTES", 128 * 1024)
+    store = await SQLiteStore.open(str(path), busy_timeout_ms=0)
+    refused = 0
+    try:
+
+        async def sender(k: int) -> None:
+            nonlocal refused
+            for i in range(500):
+                try:
+                    await store.insert(msg(f"{k}-{i}", text="x" * 300))
+                except StorageUnavailable:
+                    refused += 1
+
+        await asyncio.gather(*(sender(k) for k in range(32)))
+        with path.with_name(path.name + "-wal").open("rb") as log:
+            return int.from_bytes(log.read(16)[12:], "big"), refused
+    finally:
+        await store.close()
+
+
+@pytest.mark.slow
+async def test_a_wal_restart_runs_between_the_writers_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A RESTART holds commits back while it runs. Queued on the writer (Writer.restart_log)
+    # the commits behind it start when it ends; run from the checkpointer's connection,
+    # the writer found the lock taken and slept in the busy handler's steps. With a busy
+    # timeout of 0 that sleep is a refusal instead, which makes it countable.
+    restarts, refused = await commits_refused_during_restarts(tmp_path / "shipped.db", monkeypatch)
+    assert restarts >= 5
+    assert refused == 0
+
+    # Broken on purpose: the checkpointer runs the RESTART on its own connection.
+    def own_connection(
+        path: str, committed: Any, *, scanning: Any, restart: Any
+    ) -> sqlite_checkpoint.Checkpointer:
+        return sqlite_checkpoint.Checkpointer(path, committed, scanning=scanning)
+
+    monkeypatch.setattr(sqlite_store, "Checkpointer", own_connection)
+    restarts, refused = await commits_refused_during_restarts(tmp_path / "broken.db", monkeypatch)
+    assert restarts >= 5
+    assert refused > 0
 
 
 async def wal_restarts_under_writes_and_endless_scans(

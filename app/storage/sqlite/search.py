@@ -69,6 +69,17 @@ class SearchIndexer:
         )
         return max(cursor.rowcount, 0)
 
+    def defer_rowids(self, rowids: str) -> None:
+        """The same as defer() for the rows of a JSON array of rowids, not yet deleted: in
+        one statement, whatever their number (see purge_batch)."""
+        self.conn.execute(
+            "INSERT INTO search_garbage (doc_rowid, text_folded)"
+            " SELECT rowid, text_folded FROM messages"
+            " WHERE rowid IN (SELECT value FROM json_each(?)) AND text_folded IS NOT NULL"
+            " AND rowid <= (SELECT indexed_through FROM search_progress WHERE id = 1)",
+            (rowids,),
+        )
+
     def lower_watermark(self) -> int:
         """After deleting rows, in the deleting transaction: the newest rowid left.
 

@@ -159,7 +159,9 @@ class SQLiteStore:
         checkpointer = (
             None
             if pools is None
-            else Checkpointer(path, writer.committed, scanning=pools.scanners.busy)
+            else Checkpointer(
+                path, writer.committed, scanning=pools.scanners.busy, restart=writer.restart_log
+            )
         )
         if checkpointer is not None:
             checkpointer.start()
