@@ -4,6 +4,7 @@ few at a time, and readiness checks and writes have connections of their own."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -298,3 +299,23 @@ async def test_new_scans_wait_while_the_log_is_made_to_start_over(
         checkpointer.holding_scans = False
         page = await store.list_messages(ListQuery(q="he"))
         assert [m.message_id for m in page.data] == ["m1"]
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling policies")
+async def test_scans_run_only_on_cores_nothing_else_wants(tmp_path: Path) -> None:
+    store = await SQLiteStore.open(str(tmp_path / "a.db"))
+    try:
+        assert store._pools is not None
+        pools = store._pools
+
+        def policy() -> int:
+            return os.sched_getscheduler(0)
+
+        scan_policy = await asyncio.wrap_future(pools.scanners._executor.submit(policy))
+        read_policy = await asyncio.wrap_future(pools.readers._executor.submit(policy))
+        # A scan thread yields its core to any other thread that wakes up: the event loop,
+        # the writer, a short read. Ordinary reads keep the ordinary policy.
+        assert scan_policy == os.SCHED_IDLE
+        assert read_policy == os.SCHED_OTHER
+    finally:
+        await store.close()

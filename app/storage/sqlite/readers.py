@@ -112,8 +112,9 @@ async def await_read(
 class ReaderPool:
     """Threads with a read-only connection each (opened on first use), and their reads.
 
-    `nice` lowers the threads' scheduling priority (Linux: per thread), for reads that
-    may scan: when the CPU is short, they yield it to the event loop and the writer.
+    `nice` lowers the threads' scheduling priority (Linux: per thread, SCHED_IDLE, or
+    that nice value where the policy cannot be set), for reads that may scan: when the
+    CPU is short, they yield it to the event loop and the writer.
     """
 
     def __init__(
@@ -155,10 +156,20 @@ class ReaderPool:
 
     def _lower_priority(self) -> None:
         if not self._nice or sys.platform != "linux":
-            # Elsewhere setpriority() would apply to the whole process.
+            # Elsewhere these calls would apply to the whole process.
+            return
+        tid = threading.get_native_id()
+        try:
+            # SCHED_IDLE: the thread runs only on a core nothing else wants, and any
+            # thread that wakes up takes the core from it at once. The nice value stays
+            # as the fallback where the policy cannot be set.
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        except (OSError, AttributeError):
+            pass
+        else:
             return
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._nice)
+            os.setpriority(os.PRIO_PROCESS, tid, self._nice)
         except OSError as exc:
             logger.warning("cannot lower a reader thread's priority", extra={"error": str(exc)})
 

@@ -57,9 +57,10 @@ from app.storage.sqlite.writer import STOP, Call, Insert, Writer
 
 T = TypeVar("T")
 
-# The nice value of the scan threads: under CPU contention they get about a tenth of
-# what an ordinary thread gets (CFS weights 110 against 1024), so a burst of scans slows
-# down itself rather than the webhooks.
+# The scan threads run under SCHED_IDLE (ReaderPool): on a core nothing else wants. Where
+# that policy cannot be set, at this nice value: under CPU contention they then get about
+# a tenth of what an ordinary thread gets (CFS weights 110 against 1024), so a burst of
+# scans slows down itself rather than the webhooks.
 SCAN_NICE = 10
 
 
