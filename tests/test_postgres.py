@@ -16,6 +16,8 @@ import pytest
 from app.models import ListQuery, Message, Stats
 from app.storage import StorageUnavailable
 from app.storage.migrations import BACKENDS, SCHEMA_VERSION, apply_postgres_schema, migrations
+from app.storage.postgres.reads import list_page
+from app.storage.postgres.sql import list_statement
 from app.storage.postgres.store import PostgresStore, migrate
 from tests.support.broken_stores import ReadThenInsert, TwoSnapshotStats
 from tests.support.clients import MakeClient, message
@@ -313,6 +315,53 @@ async def test_q_uses_the_trigram_index_when_pg_trgm_is_there(
     assert any("messages_text_trgm" in line[0] for line in plan)
     page = await store.list_messages(ListQuery(q="NEEDLE"))
     assert [m.message_id for m in page.data] == ["needle"]
+
+
+async def test_a_q_shorter_than_a_trigram_scans_the_table_not_the_index(
+    store: PostgresStore, url: str
+) -> None:
+    # Such a term gives pg_trgm nothing to look up: through the index, every entry of it
+    # is read, then every row rechecked (4x the time of a plain scan at a million rows).
+    texts = {"pct": "100% sure", "und": "a_b", "bsl": "c\\d", "acc": "Ébène", "no": "plain"}
+    for message_id, text in texts.items():
+        await store.insert(msg(message_id, text=text))
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("SET enable_seqscan = off")  # the index, whenever it can serve
+
+        async def plan(q: str) -> str:
+            sql, args = list_statement(ListQuery(q=q))
+            return "\n".join(row[0] for row in await conn.fetch(f"EXPLAIN {sql}", *args))
+
+        assert "messages_text_trgm" in await plan("plain")
+        assert "messages_text_trgm" not in await plan("la")
+    finally:
+        await conn.close()
+    # Literal and folded, as a longer term is.
+    for q, expected in [("%", ["pct"]), ("_", ["und"]), ("\\", ["bsl"]), ("éb", ["acc"])]:
+        page = await store.list_messages(ListQuery(q=q))
+        assert [m.message_id for m in page.data] == expected, q
+
+
+async def test_a_page_of_a_short_term_walks_no_index(store: PostgresStore, url: str) -> None:
+    # The planner guesses a third of the rows match a strpos(), so it would walk the
+    # (ts_key, message_id) index for the page's order, fetching each row from the heap to
+    # test it: all of them when the term matches nothing.
+    for i in range(30):
+        await store.insert(msg(f"w{i}", text=f"word {i}"))
+    conn = await asyncpg.connect(url)
+    try:
+        async with conn.transaction():
+            # Plain scans made dear, as on a big table where the index walk looks cheaper.
+            await conn.execute("SET LOCAL seq_page_cost = 1000")
+            page = await list_page(conn, ListQuery(q="zq"))  # type: ignore[arg-type]
+            scans = await conn.fetchval(
+                "SELECT idx_scan FROM pg_stat_xact_user_tables WHERE relname = 'messages'"
+            )
+    finally:
+        await conn.close()
+    assert (page.total, page.data) == (0, [])
+    assert scans == 0
 
 
 async def test_commits_wait_for_the_wal_flush_whatever_the_server_default(

@@ -12,7 +12,14 @@ from app.storage.base import StorageUnavailable
 from app.storage.feed import FeedBatch
 from app.storage.migrations import SCHEMA_VERSION
 from app.storage.postgres.feed import HEAD_STATEMENT, feed_batch, feed_statement
-from app.storage.postgres.sql import CHECK_SCHEMA, PROBE_WRITE, STATS, list_statement
+from app.storage.postgres.sql import (
+    CHECK_SCHEMA,
+    PROBE_WRITE,
+    SHORT_TERM_PLAN,
+    STATS,
+    list_statement,
+    short_term,
+)
 from app.storage.rows import Row, build_page, utc_now
 
 if TYPE_CHECKING:
@@ -23,7 +30,15 @@ if TYPE_CHECKING:
 
 async def list_page(conn: Connection, query: ListQuery) -> MessagePage:
     sql, args = list_statement(query)
-    records = await conn.fetch(sql, *args)
+    if not short_term(query):
+        records = await conn.fetch(sql, *args)
+    elif conn.is_in_transaction():  # behind a pooler, reads run in a transaction already
+        await conn.execute(SHORT_TERM_PLAN)
+        records = await conn.fetch(sql, *args)
+    else:
+        async with conn.transaction(readonly=True):
+            await conn.execute(SHORT_TERM_PLAN)
+            records = await conn.fetch(sql, *args)
     total = int(records[0]["total"])
     rows = [tuple(record)[1:] for record in records if record["message_id"] is not None]
     return build_page(rows, total, query)

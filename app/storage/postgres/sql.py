@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from app.models import ListQuery
+from app.storage.base import TRIGRAM
 
 # Many rows in one statement (one transaction, one WAL flush); duplicates inside the batch
 # are fine: the first is inserted, the others meet it and do nothing. The feed position is
@@ -84,6 +85,18 @@ def like_pattern(folded: str) -> str:
     return f"%{escaped}%"
 
 
+# For a page of a short term: no walk of an index in the page's order. The planner
+# guesses that a third of the rows match, so it walked (ts_key, message_id) from one end,
+# each row fetched from the heap to be tested: 3.1 s at a million rows for a term that
+# matches nothing, against 0.7 s for two plain scans (the total, then the page, sorted).
+SHORT_TERM_PLAN = "SET LOCAL enable_indexscan = off"
+
+
+def short_term(query: ListQuery) -> bool:
+    """Whether `q` is too short for the trigram index (a scan, whatever the plan)."""
+    return query.q is not None and len(query.q.casefold()) < TRIGRAM
+
+
 def list_filters(query: ListQuery, arg: Callable[[Any], str]) -> list[str]:
     """The WHERE clauses of the /messages filters; `arg` binds a value, returning `$n`."""
     clauses: list[str] = []
@@ -98,7 +111,16 @@ def list_filters(query: ListQuery, arg: Callable[[Any], str]) -> list[str]:
     if query.q:
         # The folded column is compared with the folded term, so LIKE's case-sensitivity
         # is what we want; the trigram index serves it when pg_trgm is installed.
-        clauses.append(f"text_folded LIKE {arg(like_pattern(query.q.casefold()))} ESCAPE '\\'")
+        folded = query.q.casefold()
+        if short_term(query):
+            # A term shorter than a trigram gives the index nothing to look up: with LIKE
+            # the planner still chose it and read every entry of it (1.2 s at a million
+            # rows, beside the inserts updating it), where a plain scan takes 0.3 s.
+            # strpos() cannot use the index, and takes the term literally. (See also
+            # SHORT_TERM_PLAN.)
+            clauses.append(f"strpos(text_folded, {arg(folded)}) > 0")
+        else:
+            clauses.append(f"text_folded LIKE {arg(like_pattern(folded))} ESCAPE '\\'")
     return clauses
 
 
