@@ -72,8 +72,10 @@ class Settings(DatabaseSettings):
     # How long a read (/messages, /stats) may take before it is abandoned with a 503.
     read_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
     # Reads that scan (a `q` under 3 characters, a deep offset) running at once; the
-    # others wait for a turn within their deadline (docs/limits.md).
-    max_concurrent_scans: int = Field(default=2, ge=1, le=64)
+    # others wait for a turn within their deadline (docs/limits.md). One: on PostgreSQL a
+    # scan takes a database core at full priority, and two of them took the 2-core test
+    # machine from the inserts (docs/performance.md#cost-bounds-under-attack).
+    max_concurrent_scans: int = Field(default=1, ge=1, le=64)
     # How long the SQLite writer waits on a lock held by another process.
     sqlite_busy_timeout_ms: int = Field(default=1000, ge=0, le=60_000)
     retry_after_seconds: int = Field(default=1, ge=1, le=3600)

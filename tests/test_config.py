@@ -104,16 +104,16 @@ def test_bad_database_urls(url: str) -> None:
 def test_cost_limits_are_read_with_safe_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WEBHOOK_SECRET", "abc")
     settings = load_settings()
-    assert settings.max_concurrent_scans == 2
+    assert settings.max_concurrent_scans == 1
     assert settings.body_buffer_budget_bytes == 64 * 1024 * 1024
     assert settings.http_max_connections is None
     assert (settings.database_pool_size, settings.read_pool_size) == (10, 3)
-    monkeypatch.setenv("MAX_CONCURRENT_SCANS", "1")
+    monkeypatch.setenv("MAX_CONCURRENT_SCANS", "3")
     monkeypatch.setenv("BODY_BUFFER_BUDGET_BYTES", "8388608")
     monkeypatch.setenv("HTTP_MAX_CONNECTIONS", "")  # as compose passes an unset one
     monkeypatch.setenv("DATABASE_READ_POOL_SIZE", "2")
     settings = load_settings()
-    assert settings.max_concurrent_scans == 1
+    assert settings.max_concurrent_scans == 3
     assert settings.body_buffer_budget_bytes == 8 * 1024 * 1024
     assert settings.http_max_connections is None
     assert settings.read_pool_size == 2
