@@ -21,6 +21,8 @@ import re
 import time
 from collections.abc import Iterable, Sequence
 
+from app.hashing import hmac_sha256
+
 COOKIE = "console_session"
 KEY_LABEL = b"webhook-receiver console session v1"
 _VALUE = re.compile(rb"([1-9][0-9]{0,11})\.([A-Za-z0-9_-]{43})")
@@ -29,11 +31,11 @@ RawHeader = tuple[bytes, bytes]
 
 
 def session_key(token: str) -> bytes:
-    return hmac.digest(token.encode(), KEY_LABEL, "sha256")
+    return hmac_sha256(token.encode(), KEY_LABEL)
 
 
 def _signature(key: bytes, expires: bytes) -> bytes:
-    return base64.urlsafe_b64encode(hmac.digest(key, expires, "sha256")).rstrip(b"=")
+    return base64.urlsafe_b64encode(hmac_sha256(key, expires)).rstrip(b"=")
 
 
 def cookie_value(token: str, now: float, ttl: int) -> str:

@@ -18,6 +18,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from app.hashing import hmac_sha256
+
 # The reasons, a closed set.
 MISSING = "missing"
 MALFORMED = "malformed"
@@ -59,7 +61,7 @@ class InvalidSignature(Exception):
 
 def sign(body: bytes, secret: bytes) -> str:
     """The lower-case hex HMAC-SHA256 of `body`: what a sender puts in X-Signature."""
-    return hmac.digest(secret, body, "sha256").hex()
+    return hmac_sha256(secret, body).hex()
 
 
 def sign_standard_webhook(webhook_id: str, timestamp: int, body: bytes, key: bytes) -> str:
@@ -178,7 +180,7 @@ def _ascii(header: HeaderValue) -> bytes:
 
 
 def _matching_key(given: Sequence[bytes], secrets: Sequence[bytes], body: bytes) -> int:
-    return _first_match((hmac.digest(secret, body, "sha256") for secret in secrets), given)
+    return _first_match((hmac_sha256(secret, body) for secret in secrets), given)
 
 
 def _first_match(expected: Iterable[bytes], given: Sequence[bytes]) -> int:
