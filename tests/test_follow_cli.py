@@ -29,6 +29,9 @@ def start_follow(url: str, *args: str, env: dict[str, str] | None = None) -> sub
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C, as at a terminal: a shell running the suite in the background starts it
+        # with SIGINT ignored, which its children would inherit.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
