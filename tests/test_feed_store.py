@@ -417,6 +417,12 @@ async def test_a_subscriber_that_does_not_read_is_dropped(store: AnyStore) -> No
     try:
         assert await anext(stalled_stream)  # the preamble; it reads nothing after it
         first = asyncio.ensure_future(anext(stalled_stream))  # joins the tail
+        # On the tail before the inserts: one that commits while it still catches up
+        # would come to it as a catch-up page, and a stream stopped in its catch-up
+        # holds nothing of the hub's, so there would be nothing to drop.
+        async with asyncio.timeout(10):
+            while hub.subscribers < 1:
+                await asyncio.sleep(0.005)
         reader = asyncio.ensure_future(collect(hub, Subscriber(0, None), 60, reading))
         for i in range(60):
             await store.insert(msg(f"m{i}"))
