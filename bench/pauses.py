@@ -23,6 +23,7 @@ from app.metrics import Metrics
 from app.models import Message
 from app.retention import Retention
 from app.storage.sqlite.store import SQLiteStore
+from tests.support.clients import message as body
 
 INSERTERS = 64
 WARM_SECONDS = 3.0
@@ -47,15 +48,8 @@ class Pauses:
 
 
 def message(message_id: str) -> Message:
-    return Message.model_validate(
-        {
-            "message_id": message_id,
-            "from": "+15550000000",
-            "to": "+14155550100",
-            "ts": "2025-01-15T10:00:00Z",
-            "text": "a message of an ordinary length, " * 3,
-        }
-    )
+    text = "a message of an ordinary length, " * 3
+    return Message.model_validate(body(message_id=message_id, text=text))
 
 
 async def insert_for(store: SQLiteStore, seconds: float, prefix: str) -> Pauses:

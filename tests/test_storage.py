@@ -192,6 +192,13 @@ async def test_new_databases_get_small_pages_and_old_ones_keep_theirs(tmp_path: 
             await store.close()
 
 
+def log_restarts(path: Path) -> int:
+    """How often the WAL of the database at `path` started over: the checkpoint sequence
+    number in the log's header."""
+    with path.with_name(path.name + "-wal").open("rb") as log:
+        return int.from_bytes(log.read(16)[12:], "big")
+
+
 async def wal_restarts_under_nonstop_load(path: Path, monkeypatch: pytest.MonkeyPatch) -> int:
     """Insert with 32 senders that never pause; how often the WAL started over."""
     monkeypatch.setattr(sqlite_checkpoint, "CHECKPOINT_INTERVAL_SECONDS", 0.02)
@@ -203,10 +210,7 @@ async def wal_restarts_under_nonstop_load(path: Path, monkeypatch: pytest.Monkey
                 await store.insert(msg(f"{k}-{i}", text="x" * 300))
 
         await asyncio.gather(*(sender(k) for k in range(32)))
-        wal = path.with_name(path.name + "-wal")
-        # The WAL header's checkpoint sequence number counts the times the log started over.
-        with wal.open("rb") as log:
-            return int.from_bytes(log.read(16)[12:], "big")
+        return log_restarts(path)
     finally:
         await store.close()
 
@@ -246,8 +250,7 @@ async def commits_refused_during_restarts(
                     refused += 1
 
         await asyncio.gather(*(sender(k) for k in range(32)))
-        with path.with_name(path.name + "-wal").open("rb") as log:
-            return int.from_bytes(log.read(16)[12:], "big"), refused
+        return log_restarts(path), refused
     finally:
         await store.close()
 
@@ -301,8 +304,7 @@ async def wal_restarts_under_writes_and_endless_scans(
         await asyncio.gather(*(sender(k) for k in range(32)))
         writing = False
         await asyncio.gather(*scanners)
-        with path.with_name(path.name + "-wal").open("rb") as log:
-            return int.from_bytes(log.read(16)[12:], "big")
+        return log_restarts(path)
     finally:
         await store.close()
 
