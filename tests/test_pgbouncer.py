@@ -117,6 +117,9 @@ def test_reads_through_pgbouncer_keep_their_settings_and_deadline(
         time.sleep(0.05)
     assert client.post_signed(message()).status_code == 200
     assert client.get("/messages").json()["total"] == 1
+    # A short term runs its page in a savepoint of the read's transaction.
+    assert client.get("/messages", params={"q": "el"}).json()["total"] == 1
+    assert client.get("/messages", params={"q": "zq"}).json()["total"] == 0
 
 
 @pytest.mark.parametrize("listen", ["direct", "pgbouncer"])

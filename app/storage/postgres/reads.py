@@ -32,11 +32,10 @@ async def list_page(conn: Connection, query: ListQuery) -> MessagePage:
     sql, args = list_statement(query)
     if not short_term(query):
         records = await conn.fetch(sql, *args)
-    elif conn.is_in_transaction():  # behind a pooler, reads run in a transaction already
-        await conn.execute(SHORT_TERM_PLAN)
-        records = await conn.fetch(sql, *args)
     else:
-        async with conn.transaction(readonly=True):
+        # SET LOCAL lasts to the end of the transaction (a savepoint within the one a
+        # read behind a pooler already runs in).
+        async with conn.transaction():
             await conn.execute(SHORT_TERM_PLAN)
             records = await conn.fetch(sql, *args)
     total = int(records[0]["total"])
